@@ -1,0 +1,501 @@
+"""A linen module inside Equinox: `ToEquinox` and `to_equinox`."""
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import equinox as eqx
+import flax.errors
+import flax.linen as nn
+import jax
+from jaxtyping import PRNGKeyArray, PyTree
+
+from ._errors import AdapterError, AdapterTypeError
+from ._variables import (
+    TreeSpec,
+    as_collections,
+    linen_rngs,
+    normalise_names,
+    spec_problems,
+    variables_problems,
+)
+
+
+class _Static:
+    """Holds a linen module as static data of an `eqx.Module`.
+
+    Linen modules hash by value, except those holding a list or another unhashable
+    attribute (`nn.Sequential` among them): those hash by identity instead, so that
+    `eqx.filter_jit` still caches on them. The hash is computed once.
+    """
+
+    __slots__ = ("value", "_hash", "_by_value")
+
+    def __init__(self, value: Any):
+        self.value = value
+        try:
+            self._hash, self._by_value = hash(value), True
+        except TypeError:
+            self._hash, self._by_value = id(value), False
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Static):
+            return NotImplemented
+        if self.value is other.value:
+            return True
+        return (
+            self._by_value
+            and other._by_value
+            and self._hash == other._hash
+            and bool(self.value == other.value)
+        )
+
+    def __repr__(self) -> str:
+        return type(self.value).__name__ + "(...)"
+
+
+_NO_STATE = """\
+`ToEquinox.__call__` takes the state as its last positional argument, as Equinox's
+stateful layers do: `out, state = model(x, state)`. The last positional argument was
+{got}. You should call `model, state = adapters.to_equinox(...)` (or
+`eqx.nn.make_with_state(YourModel)(...)`) and pass that `state` last.\
+"""
+
+_STATE_NOT_LAST = """\
+`ToEquinox.__call__` got an `eqx.nn.State` as positional argument {index}, but the
+state must be the last positional argument: `out, state = model(*inputs, state)`.\
+"""
+
+_FOREIGN_STATE = """\
+The state passed to this `ToEquinox` does not hold its collection {collection!r}: it
+was made for another model. Pass the state that `adapters.to_equinox(...)` (or
+`eqx.nn.make_with_state`) returned together with this model, or the state returned by
+its last call.\
+"""
+
+_WRONG_STATE = """\
+The state passed to this `ToEquinox` does not fit its collection {collection!r}:
+{problems}
+The state was probably made for another model (or edited by hand). Pass the state
+that `adapters.to_equinox(...)` returned together with this model.\
+"""
+
+_GROWN_STATE = """\
+During the call, the linen module changed the shape of collection {collection!r}:
+{problems}
+An `eqx.nn.State` has a fixed structure, shape and dtype, so it cannot hold this
+update, and the adapter will not drop it. If the collection grows on every call (for
+example values stored with `self.sow`), leave it out of `variables` and ask for it at
+call time with `(out, captured), state = model(x, state, capture=({collection!r},))`.
+If a dtype changed, make the module keep its variables' dtype.\
+"""
+
+_NEEDS_KEY = """\
+The linen module asked for a key from rng stream {stream!r} ({detail}) but the call
+had no `key`. Call `model(x, state, key=jax.random.key(...))`; the key is split into
+the streams {streams} by `adapters.linen_rngs`. For a deterministic call, switch the
+module's randomness off instead, e.g. with `eqx.nn.inference_mode(model)` and
+`deterministic_kwarg=`/`train_kwarg=` at construction.\
+"""
+
+_UNDECLARED_STREAM = """\
+The linen module asked for a key from rng stream {stream!r} ({detail}), which is not
+one of the declared streams {streams}. Linen would silently fall back to its `params`
+stream; the adapter never relies on that. Declare the stream at construction:
+`adapters.to_equinox(..., rng_streams={suggested!r})`.\
+"""
+
+_IMMUTABLE = """\
+The linen module tried to create or update a variable in a collection that this
+wrapper does not hold as state ({detail}).
+State collections: {state}; trainable collections: {trainable}. Trainable collections
+are read-only during a call, as `params` are in linen. If the module creates the
+collection only during apply, ask for it with
+`(out, captured), state = model(x, state, capture=("<collection>",))`; if it must
+persist between calls, make sure linen's init creates it (initialise with example
+arguments that take that code path) so that it lives in the state.\
+"""
+
+
+def _mode_kwargs(
+    kwargs: dict[str, Any],
+    inference: bool,
+    train_kwarg: tuple[str, ...],
+    deterministic_kwarg: tuple[str, ...],
+) -> dict[str, Any]:
+    """Adds `train=not inference` / `deterministic=inference`, unless the caller gave
+    the keyword explicitly: an explicit keyword wins."""
+    out = dict(kwargs)
+    for name in train_kwarg:
+        out.setdefault(name, not inference)
+    for name in deterministic_kwarg:
+        out.setdefault(name, inference)
+    return out
+
+
+def _stream_of(err: Exception) -> str:
+    match = re.search(r'PRNG for "([^"]+)"', str(err))
+    return match.group(1) if match else "?"
+
+
+class ToEquinox(eqx.Module):
+    """A Flax linen module as an Equinox module with explicit state.
+
+    Trainable collections (by default `params`) are ordinary array leaves of the
+    model, in linen's own nested layout, so `eqx.filter_grad`, `eqx.partition` and
+    optax work on them unchanged. Every other collection (`batch_stats`, `cache`,
+    ...) lives in an `eqx.nn.State`, one `eqx.nn.StateIndex` per collection, which is
+    threaded through every call and returned updated.
+
+    Build it with [`adapters.to_equinox`][], which is exactly
+    `eqx.nn.make_with_state(adapters.ToEquinox)(...)`; or build a `ToEquinox` inside
+    the `__init__` of a larger Equinox model, whose own `eqx.nn.make_with_state`
+    then collects its state together with every other stateful layer.
+
+    !!! Example
+
+        ```python
+        import adapters, flax.linen as nn, jax, jax.numpy as jnp
+
+        class Net(nn.Module):
+            @nn.compact
+            def __call__(self, x, train: bool):
+                x = nn.Dense(16)(x)
+                x = nn.BatchNorm(use_running_average=not train)(x)
+                x = nn.Dropout(0.1, deterministic=not train)(x)
+                return nn.Dense(1)(x)
+
+        model, state = adapters.to_equinox(
+            Net(), jnp.zeros((8, 4)), key=jax.random.key(0), train_kwarg="train"
+        )
+        out, state = model(jnp.ones((8, 4)), state, key=jax.random.key(1))
+        variables = model.linen_variables(state)  # back to linen
+        ```
+    """
+
+    variables: dict[str, PyTree]
+    state_indices: dict[str, eqx.nn.StateIndex]
+    inference: bool
+    _module: _Static = eqx.field(static=True)
+    _order: tuple[str, ...] = eqx.field(static=True, repr=False)
+    _state_specs: tuple[tuple[str, TreeSpec], ...] = eqx.field(static=True, repr=False)
+    rng_streams: tuple[str, ...] = eqx.field(static=True)
+    train_kwarg: tuple[str, ...] = eqx.field(static=True)
+    deterministic_kwarg: tuple[str, ...] = eqx.field(static=True)
+
+    def __init__(
+        self,
+        module: nn.Module,
+        *args: Any,
+        key: PRNGKeyArray | None = None,
+        variables: PyTree | None = None,
+        trainable: str | Sequence[str] = ("params",),
+        rng_streams: str | Sequence[str] = ("dropout",),
+        train_kwarg: str | Sequence[str] | None = None,
+        deterministic_kwarg: str | Sequence[str] | None = None,
+        inference: bool = False,
+        init_method: str | Callable[..., Any] | None = None,
+        **kwargs: Any,
+    ):
+        """**Arguments:**
+
+        - `module`: an unbound `flax.linen.Module`.
+        - `*args`: example positional arguments for linen's `init`.
+        - `key`: a JAX key for linen's `init`, split by
+            [`adapters.linen_rngs`][] into the streams `("params", *rng_streams)`.
+            Not needed when `variables` are given.
+        - `variables`: existing linen variables (e.g. pretrained), wrapped as they
+            are, without copying a buffer; no init is run. If example arguments are
+            given too, the variables are checked against what linen's init would
+            create (with `jax.eval_shape`, so no compute), and every missing, extra,
+            mis-shaped or mis-typed entry is reported in one error.
+        - `trainable`: the collections that become trainable array leaves
+            (default `("params",)`); every other collection goes to the state.
+        - `rng_streams`: the linen rng streams derived from a call's `key`
+            (default `("dropout",)`).
+        - `train_kwarg`: the name (or names) of a keyword of the linen call that
+            means "training", passed as `not inference` (e.g. `"train"`).
+        - `deterministic_kwarg`: the name (or names) of a keyword of the linen call
+            that means "no randomness / running statistics", passed as `inference`
+            (e.g. `"deterministic"`, or `"use_running_average"` for a bare
+            `nn.BatchNorm`).
+        - `inference`: the initial value of the `inference` field, which
+            `eqx.nn.inference_mode` flips. At init, the mapped keywords are given
+            their inference values (`train=False`, `deterministic=True`) unless
+            `**kwargs` name them.
+        - `init_method`: the linen method to run at init (linen's `method=`);
+            default `__call__`.
+        - `**kwargs`: example keyword arguments for linen's `init`.
+
+        **Raises:**
+
+        [`adapters.AdapterError`][] if the variables do not fit the module, or if
+        there is neither `key` nor `variables` to build them from.
+        """
+        if not isinstance(module, nn.Module):
+            raise AdapterTypeError(
+                "`adapters.ToEquinox` wraps a `flax.linen.Module`, but got "
+                f"{type(module).__module__}.{type(module).__qualname__}."
+            )
+        if module.scope is not None:
+            raise AdapterError(
+                f"`adapters.ToEquinox` needs an unbound linen module, but "
+                f"{type(module).__name__} is bound to variables. Pass the module "
+                "definition (e.g. `module.clone(parent=None)`) and its variables as "
+                "`variables=`."
+            )
+        trainable = normalise_names(trainable, "trainable")
+        self.rng_streams = normalise_names(rng_streams, "rng_streams")
+        self.train_kwarg = normalise_names(train_kwarg, "train_kwarg")
+        self.deterministic_kwarg = normalise_names(
+            deterministic_kwarg, "deterministic_kwarg"
+        )
+        self.inference = inference
+        self._module = _Static(module)
+
+        init_kwargs = _mode_kwargs(
+            kwargs, True, self.train_kwarg, self.deterministic_kwarg
+        )
+
+        def init(k):
+            rngs = linen_rngs(k, ("params", *self.rng_streams))
+            return module.init(rngs, *args, method=init_method, **init_kwargs)
+
+        name = type(module).__name__
+        if variables is None:
+            if key is None:
+                raise AdapterError(
+                    f"`adapters.to_equinox({name}, ...)` needs `key=` to initialise "
+                    "the linen variables, or existing `variables=` to wrap."
+                )
+            variables = as_collections(init(key), f"{name}.init")
+        else:
+            variables = as_collections(variables, "`variables`")
+            if args or kwargs:
+                expected = jax.eval_shape(
+                    init, jax.random.key(0) if key is None else key
+                )
+                problems = variables_problems(
+                    as_collections(expected, f"{name}.init"), variables, "`variables`"
+                )
+                if problems:
+                    raise AdapterError(
+                        f"The variables do not fit {name}: linen's init with the "
+                        "given example arguments creates something else.\n"
+                        + "\n".join(problems)
+                        + "\nPass the variables this module was trained with, or "
+                        "the example arguments it was initialised with (or no "
+                        "example arguments, to skip this check)."
+                    )
+
+        self._order = tuple(variables)
+        self.variables = {c: t for c, t in variables.items() if c in trainable}
+        state_trees = {c: t for c, t in variables.items() if c not in trainable}
+        self.state_indices = {c: eqx.nn.StateIndex(t) for c, t in state_trees.items()}
+        self._state_specs = tuple(
+            (c, TreeSpec.of(t, f"`variables`/{c}")) for c, t in state_trees.items()
+        )
+
+    @property
+    def linen_module(self) -> nn.Module:
+        """The wrapped (unbound) linen module."""
+        return self._module.value
+
+    def linen_variables(self, state: eqx.nn.State) -> dict[str, PyTree]:
+        """Returns the full linen variables dict: trainable collections from the
+        model, every other collection from `state`.
+
+        The arrays are the model's and the state's own (no copy), with their
+        dtypes, in the collections' original order, so
+        `module.apply(model.linen_variables(state), ...)` is linen's native path.
+
+        **Arguments:**
+
+        - `state`: the `eqx.nn.State` holding this model's collections.
+
+        **Returns:**
+
+        A dict `{collection: nested dict}`.
+        """
+        held = self._state_collections(state)
+        return {
+            c: self.variables[c] if c in self.variables else held[c]
+            for c in self._order
+        }
+
+    def _state_collections(self, state: eqx.nn.State) -> dict[str, PyTree]:
+        out = {}
+        for (collection, spec), index in zip(
+            self._state_specs, self.state_indices.values()
+        ):
+            try:
+                tree = state.get(index)
+            except KeyError:
+                raise AdapterError(_FOREIGN_STATE.format(collection=collection))
+            problems = spec_problems(spec, TreeSpec.of(tree, collection), collection)
+            if problems:
+                raise AdapterError(
+                    _WRONG_STATE.format(
+                        collection=collection, problems="\n".join(problems)
+                    )
+                )
+            out[collection] = tree
+        return out
+
+    def __call__(
+        self,
+        *args: Any,
+        key: PRNGKeyArray | None = None,
+        method: str | Callable[..., Any] | None = None,
+        capture: str | Sequence[str] = (),
+        **kwargs: Any,
+    ) -> tuple[Any, eqx.nn.State]:
+        """Calls the linen module with the variables of this model and `state`.
+
+        **Arguments:**
+
+        - `*args`: the inputs of the linen call, then the `eqx.nn.State` last.
+        - `key`: a JAX key, split into the declared `rng_streams` by
+            [`adapters.linen_rngs`][]; needed when the module uses randomness.
+        - `method`: the linen method to call (a name such as `"encode"`, or a
+            function such as `Model.encode`), as linen's `apply(method=...)`;
+            default `__call__`.
+        - `capture`: collections created during the call that are not state (e.g.
+            `"intermediates"` written by `self.sow`) and should be returned. They
+            start empty on every call and are never stored in the state.
+        - `**kwargs`: keyword arguments of the linen call. A keyword named by
+            `train_kwarg`/`deterministic_kwarg` given here wins over the value
+            derived from `inference`.
+
+        **Returns:**
+
+        `(out, state)`, where `state` holds every collection updated by the call;
+        with `capture`, `((out, captured), state)` where `captured` is a dict
+        `{collection: tree}`.
+
+        **Raises:**
+
+        [`adapters.AdapterError`][] if the state is missing, not last or belongs to
+        another model; if the module needs a `key` that was not given or a stream
+        that was not declared; if it writes to a collection the state does not
+        hold, or changes a state collection's shape or dtype.
+        """
+        if not args or not isinstance(args[-1], eqx.nn.State):
+            got = "missing" if not args else f"of type {type(args[-1]).__name__}"
+            raise AdapterError(_NO_STATE.format(got=got))
+        *inputs, state = args
+        for i, arg in enumerate(inputs):
+            if isinstance(arg, eqx.nn.State):
+                raise AdapterError(_STATE_NOT_LAST.format(index=i))
+        capture = normalise_names(capture, "capture")
+        for collection in capture:
+            if collection in self.state_indices or collection in self.variables:
+                raise AdapterError(
+                    f"`capture=` names collection {collection!r}, which this model "
+                    "already holds (as state or as trainable arrays). `capture` is "
+                    "for collections created during the call; state collections are "
+                    "returned updated in the state."
+                )
+
+        held = self._state_collections(state)
+        variables = {**self.variables, **held}
+        kwargs = _mode_kwargs(
+            kwargs, self.inference, self.train_kwarg, self.deterministic_kwarg
+        )
+        rngs = None if key is None else linen_rngs(key, self.rng_streams)
+        mutable = [*held, *capture] or False
+        try:
+            result = self.linen_module.apply(
+                variables, *inputs, rngs=rngs, method=method, mutable=mutable, **kwargs
+            )
+        except flax.errors.InvalidRngError as err:
+            stream, streams = _stream_of(err), self.rng_streams
+            if key is None:
+                message = _NEEDS_KEY.format(stream=stream, detail=err, streams=streams)
+            else:
+                message = _UNDECLARED_STREAM.format(
+                    stream=stream,
+                    detail=err,
+                    streams=streams,
+                    suggested=(*streams, stream),
+                )
+            raise AdapterError(message) from err
+        except (
+            flax.errors.ScopeCollectionNotFound,
+            flax.errors.ModifyScopeVariableError,
+        ) as err:
+            raise AdapterError(
+                _IMMUTABLE.format(
+                    detail=err, state=tuple(held), trainable=tuple(self.variables)
+                )
+            ) from err
+        out, updates = result if mutable else (result, {})
+
+        for (collection, spec), index in zip(
+            self._state_specs, self.state_indices.values()
+        ):
+            if collection not in updates:
+                continue
+            new = as_collections({collection: updates[collection]}, "update")
+            new = new[collection]
+            problems = spec_problems(spec, TreeSpec.of(new, collection), collection)
+            if problems:
+                raise AdapterError(
+                    _GROWN_STATE.format(
+                        collection=collection, problems="\n".join(problems)
+                    )
+                )
+            state = state.set(index, new)
+        if capture:
+            captured = as_collections(
+                {c: updates.get(c, {}) for c in capture}, "capture"
+            )
+            return (out, captured), state
+        return out, state
+
+
+def to_equinox(
+    module: nn.Module,
+    *args: Any,
+    key: PRNGKeyArray | None = None,
+    variables: PyTree | None = None,
+    trainable: str | Sequence[str] = ("params",),
+    rng_streams: str | Sequence[str] = ("dropout",),
+    train_kwarg: str | Sequence[str] | None = None,
+    deterministic_kwarg: str | Sequence[str] | None = None,
+    inference: bool = False,
+    init_method: str | Callable[..., Any] | None = None,
+    **kwargs: Any,
+) -> tuple[ToEquinox, eqx.nn.State]:
+    """Wraps a linen module as an Equinox model and returns `(model, state)`.
+
+    Exactly `eqx.nn.make_with_state(adapters.ToEquinox)(...)`: see
+    [`adapters.ToEquinox`][] for the arguments.
+
+    !!! Example
+
+        ```python
+        model, state = adapters.to_equinox(nn.Dense(3), jnp.zeros((1, 4)), key=key)
+        out, state = model(jnp.ones((1, 4)), state)
+        ```
+
+    **Returns:**
+
+    `(model, state)`: the [`adapters.ToEquinox`][] and its `eqx.nn.State`.
+    """
+    return eqx.nn.make_with_state(ToEquinox)(
+        module,
+        *args,
+        key=key,
+        variables=variables,
+        trainable=trainable,
+        rng_streams=rng_streams,
+        train_kwarg=train_kwarg,
+        deterministic_kwarg=deterministic_kwarg,
+        inference=inference,
+        init_method=init_method,
+        **kwargs,
+    )

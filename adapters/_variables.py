@@ -1,0 +1,224 @@
+"""Linen variable collections and their abstract specs: naming, checking, splitting.
+
+Both wrapper directions stand on this module. A linen variables dict is
+`{collection: nested dict of arrays}`; arrays may sit inside `flax.linen`
+partitioning boxes (`nn.Partitioned`, `nn.LogicallyPartitioned`), which are kept
+as they are, never unboxed.
+"""
+
+import dataclasses
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+from flax.core import FrozenDict, meta
+from jaxtyping import PRNGKeyArray, PyTree
+
+from ._errors import AdapterError, AdapterTypeError
+
+
+def linen_rngs(
+    key: PRNGKeyArray, streams: str | Sequence[str] = ("dropout",)
+) -> dict[str, PRNGKeyArray]:
+    """Derives one key per linen rng stream from a single JAX key.
+
+    This is how [`adapters.ToEquinox`][] turns the `key=` of a call into linen's
+    `rngs=`; call it yourself to reproduce a wrapped call with linen's own `apply`.
+    Each stream's key is `jax.random.fold_in(key, crc32(name) & 0x7fffffff)`, so a
+    stream's key depends only on `key` and its own name: declaring another stream
+    does not change the keys of the others.
+
+    !!! Example
+
+        ```python
+        out = module.apply(variables, x, rngs=adapters.linen_rngs(key, ("dropout",)))
+        ```
+
+    **Arguments:**
+
+    - `key`: a JAX PRNG key, new-style (`jax.random.key`) or raw (`PRNGKey`).
+    - `streams`: the linen rng stream names, e.g. `("dropout",)`.
+
+    **Returns:**
+
+    A dict `{stream: key}`, ready to pass as linen's `rngs=`.
+
+    **Raises:**
+
+    [`adapters.AdapterError`][] if a stream name is repeated.
+    """
+    streams = normalise_names(streams, "streams")
+    return {s: jax.random.fold_in(key, zlib.crc32(s.encode()) & 0x7FFFFFFF) for s in streams}
+
+
+def normalise_names(names: str | Iterable[str] | None, what: str) -> tuple[str, ...]:
+    """`None`, one name or a sequence of names, as a tuple of unique strings."""
+    if names is None:
+        return ()
+    if isinstance(names, str):
+        return (names,)
+    names = tuple(names)
+    for name in names:
+        if not isinstance(name, str):
+            raise AdapterTypeError(
+                f"`{what}` must be names (strings), but got {name!r} of type "
+                f"{type(name).__name__} in {names!r}."
+            )
+    if len(set(names)) != len(names):
+        raise AdapterError(f"`{what}` names a collection or stream twice: {names!r}.")
+    return names
+
+
+def is_box(x: Any) -> bool:
+    return isinstance(x, meta.AxisMetadata)
+
+
+def _plain(tree: Any) -> Any:
+    """Turns `FrozenDict`s (at any depth) into dicts; leaves and boxes untouched."""
+    if isinstance(tree, Mapping) and not is_box(tree):
+        return {k: _plain(v) for k, v in tree.items()}
+    return tree
+
+
+def as_collections(variables: Any, where: str) -> dict[str, PyTree]:
+    """Checks that `variables` is linen's `{collection: tree}` and returns it as a
+    plain dict of plain dicts, with the very same leaves (no buffer is copied)."""
+    if not isinstance(variables, Mapping):
+        raise AdapterTypeError(
+            f"{where}: expected linen variables, a mapping `{{collection: tree}}` such "
+            f"as `module.init(...)` returns, but got {type(variables).__name__}. If "
+            "you have only the parameters, pass `variables={'params': params}`."
+        )
+    out = {}
+    for name, tree in variables.items():
+        if not isinstance(name, str):
+            raise AdapterTypeError(
+                f"{where}: collection names must be strings, got {name!r}."
+            )
+        if not isinstance(tree, (Mapping, FrozenDict)):
+            raise AdapterTypeError(
+                f"{where}: collection {name!r} must be a nested mapping of arrays, "
+                f"but got {type(tree).__name__}. Linen variables look like "
+                "`{'params': {'Dense_0': {'kernel': ...}}}`."
+            )
+        out[name] = _plain(tree)
+    return out
+
+
+def path_str(path: tuple[Any, ...]) -> str:
+    """A key path as linen writes it: `Dense_0/kernel`."""
+    parts = []
+    for entry in path:
+        if isinstance(entry, jtu.DictKey):
+            parts.append(str(entry.key))
+        elif isinstance(entry, jtu.SequenceKey):
+            parts.append(str(entry.idx))
+        elif isinstance(entry, jtu.GetAttrKey):
+            parts.append(entry.name)
+        else:
+            parts.append(str(entry))
+    return "/".join(parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    """Shape and dtype of one variable, without its value."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    def __str__(self) -> str:
+        return f"{self.dtype}[{','.join(map(str, self.shape))}]"
+
+
+def abstract_leaf(x: Any, where: str) -> Leaf:
+    if is_box(x):
+        inner = jtu.tree_leaves(x)
+        if len(inner) != 1:
+            raise AdapterTypeError(f"{where}: a partitioning box must hold one array.")
+        x = inner[0]
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return Leaf(tuple(x.shape), np.dtype(x.dtype))
+    if isinstance(x, (bool, int, float, complex)):
+        return Leaf((), np.dtype(jnp.asarray(x).dtype))
+    raise AdapterTypeError(
+        f"{where}: expected an array, got {type(x).__name__} ({x!r}). Linen variables "
+        "hold arrays (or Python scalars)."
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeSpec:
+    """The shape of a collection: its tree structure and every leaf's shape/dtype,
+    by path. Hashable, so it can be a static field of an `eqx.Module`."""
+
+    treedef: Any
+    leaves: tuple[tuple[str, Leaf], ...]
+
+    @classmethod
+    def of(cls, tree: PyTree, where: str) -> "TreeSpec":
+        treedef = jtu.tree_structure(tree)
+        flat, _ = jtu.tree_flatten_with_path(tree, is_leaf=is_box)
+        leaves = []
+        for path, leaf in flat:
+            name = path_str(path)
+            leaves.append((name, abstract_leaf(leaf, f"{where}/{name}")))
+        return cls(treedef, tuple(leaves))
+
+    def describe(self) -> str:
+        return ", ".join(f"{p}: {leaf}" for p, leaf in self.leaves) or "empty"
+
+
+def spec_problems(expected: TreeSpec, got: TreeSpec, collection: str) -> list[str]:
+    """One line per missing, extra, mis-shaped or mis-typed entry; empty if the two
+    specs agree (same tree structure, same shapes and dtypes)."""
+    want = dict(expected.leaves)
+    have = dict(got.leaves)
+    problems = []
+    for path, leaf in want.items():
+        if path not in have:
+            problems.append(f"  {collection}/{path}: missing (expected {leaf})")
+        elif have[path] != leaf:
+            problems.append(
+                f"  {collection}/{path}: expected {leaf}, got {have[path]}"
+            )
+    for path, leaf in have.items():
+        if path not in want:
+            problems.append(
+                f"  {collection}/{path}: unexpected entry ({leaf}) that the module "
+                "does not have"
+            )
+    if not problems and expected.treedef != got.treedef:
+        problems.append(
+            f"  {collection}: same entries but a different tree structure (for "
+            f"example a partitioning box, or a tuple in place of a list): expected "
+            f"{expected.treedef}, got {got.treedef}"
+        )
+    return problems
+
+
+def variables_problems(
+    expected: Mapping[str, PyTree], got: Mapping[str, PyTree], where: str
+) -> list[str]:
+    """Compares whole variables dicts, collection by collection."""
+    problems = []
+    for name in expected:
+        if name not in got:
+            problems.append(
+                f"  {name}: missing collection (expected "
+                f"{TreeSpec.of(expected[name], where).describe()})"
+            )
+    for name, tree in got.items():
+        if name not in expected:
+            problems.append(
+                f"  {name}: unexpected collection that the module does not create"
+            )
+            continue
+        problems += spec_problems(
+            TreeSpec.of(expected[name], where), TreeSpec.of(tree, where), name
+        )
+    return problems
