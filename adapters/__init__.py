@@ -2,7 +2,7 @@
 convention."""
 
 from ._errors import AdapterError as AdapterError
-from ._to_equinox import ToEquinox as ToEquinox, to_equinox as to_equinox
+from ._to_equinox import to_equinox as to_equinox, ToEquinox as ToEquinox
 from ._variables import linen_rngs as linen_rngs
 
 

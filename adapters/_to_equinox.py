@@ -12,11 +12,11 @@ from jaxtyping import PRNGKeyArray, PyTree
 
 from ._errors import AdapterError, AdapterTypeError
 from ._variables import (
-    TreeSpec,
     as_collections,
     linen_rngs,
     normalise_names,
     spec_problems,
+    TreeSpec,
     variables_problems,
 )
 

@@ -52,7 +52,9 @@ def linen_rngs(
     [`adapters.AdapterError`][] if a stream name is repeated.
     """
     streams = normalise_names(streams, "streams")
-    return {s: jax.random.fold_in(key, zlib.crc32(s.encode()) & 0x7FFFFFFF) for s in streams}
+    return {
+        s: jax.random.fold_in(key, zlib.crc32(s.encode()) & 0x7FFFFFFF) for s in streams
+    }
 
 
 def normalise_names(names: str | Iterable[str] | None, what: str) -> tuple[str, ...]:
@@ -183,9 +185,7 @@ def spec_problems(expected: TreeSpec, got: TreeSpec, collection: str) -> list[st
         if path not in have:
             problems.append(f"  {collection}/{path}: missing (expected {leaf})")
         elif have[path] != leaf:
-            problems.append(
-                f"  {collection}/{path}: expected {leaf}, got {have[path]}"
-            )
+            problems.append(f"  {collection}/{path}: expected {leaf}, got {have[path]}")
     for path, leaf in have.items():
         if path not in want:
             problems.append(
