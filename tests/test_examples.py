@@ -1,0 +1,23 @@
+"""The examples run, and what they print as a check really holds."""
+
+import importlib.util
+import pathlib
+
+
+EXAMPLES = pathlib.Path(__file__).parent.parent / "examples"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quickstart(capsys):
+    diff = _load("quickstart").main(steps=3)
+    # Wrapped training and native linen training stay together, step by step.
+    assert diff < 1e-6
+    printed = capsys.readouterr().out
+    assert "equinox loss" in printed and "linen loss" in printed
