@@ -3,8 +3,16 @@ convention."""
 
 from ._errors import AdapterError as AdapterError
 from ._to_equinox import to_equinox as to_equinox, ToEquinox as ToEquinox
+from ._to_linen import to_linen as to_linen, ToLinen as ToLinen
 from ._variables import linen_rngs as linen_rngs
 
 
-__all__ = ["AdapterError", "ToEquinox", "linen_rngs", "to_equinox"]
+__all__ = [
+    "AdapterError",
+    "ToEquinox",
+    "ToLinen",
+    "linen_rngs",
+    "to_equinox",
+    "to_linen",
+]
 __version__ = "0.1.0"

@@ -11,6 +11,7 @@ import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -111,8 +112,9 @@ def as_collections(variables: Any, where: str) -> dict[str, PyTree]:
     return out
 
 
-def path_str(path: tuple[Any, ...]) -> str:
-    """A key path as linen writes it: `Dense_0/kernel`."""
+def path_keys(path: tuple[Any, ...]) -> tuple[str, ...]:
+    """A JAX key path as string keys: `.layers[0].weight` -> `("layers", "0",
+    "weight")`, the names linen's nested dicts use."""
     parts = []
     for entry in path:
         if isinstance(entry, jtu.DictKey):
@@ -121,9 +123,16 @@ def path_str(path: tuple[Any, ...]) -> str:
             parts.append(str(entry.idx))
         elif isinstance(entry, jtu.GetAttrKey):
             parts.append(entry.name)
+        elif isinstance(entry, jtu.FlattenedIndexKey):
+            parts.append(str(entry.key))
         else:
             parts.append(str(entry))
-    return "/".join(parts)
+    return tuple(parts)
+
+
+def path_str(path: tuple[Any, ...]) -> str:
+    """A key path as linen writes it: `Dense_0/kernel`."""
+    return "/".join(path_keys(path))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,3 +231,116 @@ def variables_problems(
             TreeSpec.of(expected[name], where), TreeSpec.of(tree, where), name
         )
     return problems
+
+
+# Equinox model + state <-> linen variables. An Equinox model's inexact arrays become
+# `params`, its other arrays a buffer collection, and each `eqx.nn.State` entry a
+# state collection, every one named by its path in the model:
+# `{"params": {"layers": {"0": {"weight": ...}}}}`.
+
+
+def is_state_index(x: Any) -> bool:
+    return isinstance(x, eqx.nn.StateIndex)
+
+
+def is_arraylike(x: Any) -> bool:
+    """An array, or the shape of one (from `eqx.filter_eval_shape`)."""
+    return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
+
+
+def _insert(tree: dict, keys: tuple[str, ...], value: Any, where: str) -> None:
+    if not keys:
+        raise AdapterTypeError(
+            f"{where}: expected an Equinox module (or another pytree) holding arrays, "
+            f"but got a bare {type(value).__name__}."
+        )
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+    node[keys[-1]] = value
+
+
+def _lookup(tree: Any, keys: tuple[str, ...]) -> Any:
+    for k in keys:
+        tree = tree[k]
+    return tree
+
+
+def equinox_to_variables(
+    model: PyTree,
+    state: eqx.nn.State | None,
+    state_collection: str,
+    buffer_collection: str,
+) -> dict[str, dict]:
+    """An Equinox model and its state as a linen variables dict (the same arrays,
+    nothing copied). Collections with nothing in them are left out, as linen's init
+    leaves them out."""
+    collections: dict[str, dict] = {"params": {}, buffer_collection: {}}
+    collections[state_collection] = {}
+    flat, _ = jtu.tree_flatten_with_path(model, is_leaf=is_state_index)
+    for path, leaf in flat:
+        keys = path_keys(path)
+        where = "/".join(keys)
+        if is_state_index(leaf):
+            if state is None:
+                raise AdapterError(
+                    f"The Equinox model has state (an `eqx.nn.StateIndex` at "
+                    f"{where!r}) but no `eqx.nn.State` was given. Build both with "
+                    "`model, state = eqx.nn.make_with_state(Model)(...)` and pass "
+                    "the state too."
+                )
+            try:
+                value = state.get(leaf)
+            except KeyError:
+                raise AdapterError(
+                    f"The `eqx.nn.State` does not hold the entry of the model's "
+                    f"`eqx.nn.StateIndex` at {where!r}: it was made for another "
+                    "model. Pass the state made together with this model."
+                ) from None
+            _insert(collections[state_collection], keys, value, where)
+        elif is_arraylike(leaf):
+            inexact = jnp.issubdtype(leaf.dtype, jnp.inexact)
+            name = "params" if inexact else buffer_collection
+            _insert(collections[name], keys, leaf, where)
+    return {c: t for c, t in collections.items() if t}
+
+
+def variables_to_equinox(
+    skeleton: PyTree,
+    skeleton_state: eqx.nn.State | None,
+    variables: Mapping[str, PyTree],
+    state_collection: str,
+    buffer_collection: str,
+    where: str,
+) -> tuple[PyTree, eqx.nn.State | None]:
+    """The inverse of `equinox_to_variables`: puts the arrays of `variables` into
+    the structure of `skeleton` (a model whose arrays may be
+    `jax.ShapeDtypeStruct`s), after checking that every entry is there with its
+    shape and dtype."""
+    skeleton = eqx.nn.delete_init_state(skeleton)
+    expected = equinox_to_variables(
+        skeleton, skeleton_state, state_collection, buffer_collection
+    )
+    got = as_collections(variables, where)
+    problems = variables_problems(expected, got, where)
+    if problems:
+        raise AdapterError(
+            f"{where} do not fit the Equinox model:\n"
+            + "\n".join(problems)
+            + "\nPass the variables made for this model (by `adapters.to_linen` or "
+            "its linen `init`)."
+        )
+    flat, treedef = jtu.tree_flatten_with_path(skeleton, is_leaf=is_state_index)
+    leaves, markers, values = [], [], []
+    for path, leaf in flat:
+        keys = path_keys(path)
+        if is_state_index(leaf):
+            markers.append(leaf.marker)
+            values.append(_lookup(got[state_collection], keys))
+        elif is_arraylike(leaf):
+            inexact = jnp.issubdtype(leaf.dtype, jnp.inexact)
+            leaf = _lookup(got["params" if inexact else buffer_collection], keys)
+        leaves.append(leaf)
+    model = jtu.tree_unflatten(treedef, leaves)
+    state = eqx.nn.State.tree_unflatten(tuple(markers), tuple(values))
+    return model, state if markers else None

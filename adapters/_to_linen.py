@@ -1,0 +1,334 @@
+"""An Equinox model inside linen: `ToLinen` and `to_linen`."""
+
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import equinox as eqx
+import flax.linen as nn
+import jax
+import jax.tree_util as jtu
+from jaxtyping import PRNGKeyArray, PyTree
+
+from ._errors import AdapterError, AdapterTypeError
+from ._variables import (
+    equinox_to_variables,
+    is_state_index,
+    variables_to_equinox,
+)
+
+
+_NOT_MUTABLE = """\
+The Equinox model updated its state, but linen collection {collection!r} is not
+mutable in this `apply`, and the adapter will not drop the update. Pass
+`mutable=[{collection!r}]` to `apply` (and keep the returned updates), or call the
+model in inference mode with `inference=True`.\
+"""
+
+_PER_EXAMPLE_STATE = """\
+With `vmap_axis={axis}`, the Equinox model is mapped over linen's batch axis with
+its state unmapped, but the model computed a different state update for each
+example. Give the model's stateful layers the `axis_name` that `ToLinen` maps over
+(e.g. `eqx.nn.BatchNorm(..., axis_name={axis_name!r})` with
+`ToLinen(..., axis_name={axis_name!r})`), so that they reduce across the batch.\
+"""
+
+
+def _as_model_and_state(result: Any, where: str) -> tuple[PyTree, eqx.nn.State | None]:
+    """A factory's result, `model` or `(model, state)`, as `(model, state)`."""
+    if isinstance(result, tuple) and len(result) == 2:
+        model, state = result
+    else:
+        model, state = result, None
+    if not isinstance(model, eqx.Module):
+        raise AdapterTypeError(
+            f"{where} must return an Equinox module, or `(model, state)` as "
+            "`eqx.nn.make_with_state(Model)(...)` returns, but returned "
+            f"{type(result).__name__}."
+        )
+    if state is not None and not isinstance(state, eqx.nn.State):
+        raise AdapterTypeError(
+            f"{where} returned `(model, state)` whose state is a "
+            f"{type(state).__name__}, not an `eqx.nn.State`."
+        )
+    stateful = any(map(is_state_index, jtu.tree_leaves(model, is_leaf=is_state_index)))
+    if state is None and stateful:
+        try:  # a model built without make_with_state still holds its initial state
+            state = eqx.nn.State(model)
+        except ValueError:
+            raise AdapterError(
+                f"{where}: the Equinox model has state but no `eqx.nn.State` was "
+                "given. Pass the state from `eqx.nn.make_with_state(Model)(...)`."
+            ) from None
+    return eqx.nn.delete_init_state(model), state
+
+
+class ToLinen(nn.Module):
+    """An Equinox model as a Flax linen module.
+
+    The model's inexact arrays become the `params` collection, as a nested dict
+    named by their path in the model (`{"layers": {"0": {"weight": ...}}}`), so
+    `flax.traverse_util`, `nn.tabulate` and optax masks by name work; its other
+    arrays go to a non-trainable collection (`constants`); its `eqx.nn.State`
+    entries go to a state collection (`batch_stats`), named by the path of their
+    `eqx.nn.StateIndex` in the model.
+
+    Build it from an existing model with [`adapters.to_linen`][], or inside a linen
+    `@nn.compact` method from a factory, `adapters.ToLinen(make=lambda key: ...)`,
+    which gets its key from linen's `params` stream at init.
+
+    !!! Example
+
+        ```python
+        class Net(nn.Module):
+            @nn.compact
+            def __call__(self, x, train: bool):
+                x = nn.Dense(8)(x)
+                block = adapters.ToLinen(
+                    make=lambda key: eqx.nn.make_with_state(eqx.nn.BatchNorm)(
+                        8, axis_name="batch", mode="batch"
+                    ),
+                    vmap_axis=0,
+                    axis_name="batch",
+                )
+                return block(x, inference=not train)
+        ```
+
+    **Fields:**
+
+    - `model`: an Equinox model (with `state`), or `None` with `make`.
+    - `state`: its `eqx.nn.State`, if the model is stateful.
+    - `make`: a factory `key -> model` or `key -> (model, state)`, used in place of
+        `model`.
+    - `state_collection`: the linen collection of the state (default
+        `"batch_stats"`).
+    - `buffer_collection`: the linen collection of non-trainable arrays (integer
+        buffers, default `"constants"`).
+    - `vmap_axis`: if not `None`, the per-example Equinox model is mapped over this
+        axis of every positional input (linen's batch axis), its state unmapped.
+    - `axis_name`: the name of that mapped axis, so that e.g.
+        `eqx.nn.BatchNorm(axis_name=...)` reduces across the batch.
+    - `rng_stream`: the linen rng stream whose key is passed as the model's `key=`
+        (default `"dropout"`), when `apply` is given that stream.
+    """
+
+    model: PyTree | None = None
+    state: eqx.nn.State | None = None
+    make: Callable[[PRNGKeyArray], Any] | None = None
+    state_collection: str = "batch_stats"
+    buffer_collection: str = "constants"
+    vmap_axis: int | None = None
+    axis_name: Hashable | None = None
+    rng_stream: str | None = "dropout"
+
+    def _check_fields(self) -> None:
+        if (self.model is None) == (self.make is None):
+            raise AdapterError(
+                "`adapters.ToLinen` takes either an Equinox `model=` or a factory "
+                "`make=`, exactly one of them."
+            )
+        if self.model is not None and not isinstance(self.model, eqx.Module):
+            raise AdapterTypeError(
+                "`adapters.ToLinen(model=...)` expects an Equinox module, got "
+                f"{type(self.model).__name__}. For a factory, use `make=`."
+            )
+        names = {"params", self.state_collection, self.buffer_collection}
+        if len(names) != 3:
+            raise AdapterError(
+                "`adapters.ToLinen` needs three different collections: `params` for "
+                f"the trainable arrays, `state_collection` (got "
+                f"{self.state_collection!r}) and `buffer_collection` (got "
+                f"{self.buffer_collection!r}). Choose other names, e.g. "
+                "`state_collection='batch_stats'`."
+            )
+
+    def _skeleton(self, initializing: bool) -> tuple[PyTree, eqx.nn.State | None]:
+        """The model and state: real ones at init, their shapes otherwise (from
+        `eqx.filter_eval_shape`, which runs no compute)."""
+        self._check_fields()
+        if self.make is None:
+            return _as_model_and_state((self.model, self.state), "`ToLinen(model=...)`")
+        if initializing:
+            result = self.make(self.make_rng("params"))
+        else:
+            result = eqx.filter_eval_shape(self.make, jax.random.key(0))
+        return _as_model_and_state(result, "`ToLinen(make=...)`")
+
+    def equinox_model(self, variables: PyTree) -> tuple[PyTree, eqx.nn.State | None]:
+        """Gives back the Equinox model and state held by `variables`.
+
+        **Arguments:**
+
+        - `variables`: this module's linen variables, e.g. from
+            [`adapters.to_linen`][], `init`, or training (for a `ToLinen` inside
+            a larger linen model, its own part: `{c: v[c]["ToLinen_0"] for c in v}`).
+
+        **Returns:**
+
+        `(model, state)`: the same arrays (no copy), bit-exact; `state` is `None`
+        for a stateless model.
+
+        **Raises:**
+
+        [`adapters.AdapterError`][] naming every entry that does not fit the model.
+        """
+        skeleton, skeleton_state = self._skeleton(initializing=False)
+        return variables_to_equinox(
+            skeleton,
+            skeleton_state,
+            variables,
+            self.state_collection,
+            self.buffer_collection,
+            "`variables`",
+        )
+
+    @nn.compact
+    def __call__(self, *args: Any, inference: bool | None = None, **kwargs: Any) -> Any:
+        """Calls the Equinox model with the arrays of this module's variables.
+
+        **Arguments:**
+
+        - `*args`: the model's positional inputs (mapped over `vmap_axis`, if set).
+        - `inference`: if given, the model is called through
+            `eqx.nn.inference_mode(model, inference)`.
+        - `**kwargs`: other keywords of the model's call, passed as they are.
+
+        **Returns:**
+
+        The model's output. A stateful model's updated state is written to the
+        state collection, which must then be mutable (`mutable=["batch_stats"]`).
+
+        **Raises:**
+
+        [`adapters.AdapterError`][] if the variables do not fit the model, or if the
+        model updates its state while the state collection is not mutable.
+        """
+        initializing = self.is_initializing()
+        skeleton, skeleton_state = self._skeleton(initializing)
+        initial = equinox_to_variables(
+            skeleton, skeleton_state, self.state_collection, self.buffer_collection
+        )
+        variables: dict[str, dict] = {}
+        for collection, tree in initial.items():
+            variables[collection] = {}
+            for name, value in tree.items():
+                if collection == "params":
+                    got = self.param(name, lambda _, v=value: v)
+                else:
+                    got = self.variable(collection, name, lambda v=value: v).value
+                variables[collection][name] = got
+        model, state = variables_to_equinox(
+            skeleton,
+            skeleton_state,
+            variables,
+            self.state_collection,
+            self.buffer_collection,
+            f"The variables of {self.name or 'ToLinen'}",
+        )
+        if inference is not None:
+            model = eqx.nn.inference_mode(model, inference)
+        if self.rng_stream is not None and self.has_rng(self.rng_stream):
+            kwargs["key"] = self.make_rng(self.rng_stream)
+
+        # The call consumes `state` (Equinox's guard against reuse): keep its leaves.
+        old_leaves = jtu.tree_leaves(state)
+        out, new_state = self._call_model(model, state, args, kwargs)
+        if state is None or initializing:
+            return out
+        new_leaves = jtu.tree_leaves(new_state)
+        if all(a is b for a, b in zip(old_leaves, new_leaves, strict=True)):
+            return out
+        if not self.is_mutable_collection(self.state_collection):
+            raise AdapterError(_NOT_MUTABLE.format(collection=self.state_collection))
+        updates = equinox_to_variables(
+            model, new_state, self.state_collection, self.buffer_collection
+        )[self.state_collection]
+        for name, value in updates.items():
+            self.put_variable(self.state_collection, name, value)
+        return out
+
+    def _call_model(
+        self,
+        model: PyTree,
+        state: eqx.nn.State | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> tuple[Any, eqx.nn.State | None]:
+        def call(args, key):
+            kw = kwargs if key is None else {**kwargs, "key": key}
+            if state is None:
+                return model(*args, **kw), None
+            return model(*args, state, **kw)
+
+        key = kwargs.pop("key", None)
+        if self.vmap_axis is None:
+            return call(args, key)
+        axis = self.vmap_axis
+        if not args:
+            raise AdapterError(
+                "`ToLinen(vmap_axis=...)` maps the model over the batch axis of its "
+                "positional inputs, but the call has none."
+            )
+        size = jtu.tree_leaves(args)[0].shape[axis]
+        keys = None if key is None else jax.random.split(key, size)
+        mapped = jax.vmap(
+            call,
+            in_axes=(axis, None if keys is None else 0),
+            out_axes=(axis, None),
+            axis_name=self.axis_name,
+        )
+        try:
+            return mapped(args, keys)
+        except ValueError as err:
+            if "out_axes" not in str(err):
+                raise
+            raise AdapterError(
+                _PER_EXAMPLE_STATE.format(
+                    axis=axis, axis_name=self.axis_name or "batch"
+                )
+            ) from err
+
+
+def to_linen(
+    model: PyTree,
+    state: eqx.nn.State | None = None,
+    *,
+    state_collection: str = "batch_stats",
+    buffer_collection: str = "constants",
+    vmap_axis: int | None = None,
+    axis_name: Hashable | None = None,
+    rng_stream: str | None = "dropout",
+) -> tuple[ToLinen, dict[str, dict]]:
+    """Wraps an Equinox model (and its state) as a linen module, with its variables.
+
+    !!! Example
+
+        ```python
+        linen_module, variables = adapters.to_linen(eqx_model, state)
+        out, updates = linen_module.apply(variables, x, mutable=["batch_stats"])
+        eqx_model, state = linen_module.equinox_model({**variables, **updates})
+        ```
+
+    **Arguments:**
+
+    - `model`: an Equinox model.
+    - `state`: its `eqx.nn.State`, or `None` for a stateless model.
+    - the other options are the fields of [`adapters.ToLinen`][].
+
+    **Returns:**
+
+    `(linen_module, variables)`: a [`adapters.ToLinen`][] and its linen variables,
+    holding the model's own arrays (no copy).
+    """
+    module = ToLinen(
+        model=model,
+        state=state,
+        state_collection=state_collection,
+        buffer_collection=buffer_collection,
+        vmap_axis=vmap_axis,
+        axis_name=axis_name,
+        rng_stream=rng_stream,
+    )
+    module._check_fields()
+    model, state = _as_model_and_state((model, state), "`adapters.to_linen`")
+    variables = equinox_to_variables(model, state, state_collection, buffer_collection)
+    return module, variables
