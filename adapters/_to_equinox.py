@@ -88,18 +88,22 @@ During the call, the linen module changed the shape of collection {collection!r}
 {problems}
 An `eqx.nn.State` has a fixed structure, shape and dtype, so it cannot hold this
 update, and the adapter will not drop it. If the collection grows on every call (for
-example values stored with `self.sow`), leave it out of `variables` and ask for it at
-call time with `(out, captured), state = model(x, state, capture=({collection!r},))`.
+example values stored with `self.sow`), declare it per call at construction,
+`adapters.to_equinox(..., per_call={per_call!r})`, and ask for it
+at call time with `(out, captured), state = model(x, state, capture=({collection!r},))`.
 If a dtype changed, make the module keep its variables' dtype.\
 """
 
 _NEEDS_KEY = """\
 The linen module asked for a key from rng stream {stream!r} ({detail}) but the call
 had no `key`. Call `model(x, state, key=jax.random.key(...))`; the key is split into
-the streams {streams} by `adapters.linen_rngs`. For a deterministic call, switch the
-module's randomness off instead, e.g. with `eqx.nn.inference_mode(model)` and
-`deterministic_kwarg=`/`train_kwarg=` at construction.\
+the streams {streams} by `adapters.linen_rngs`.{undeclared} For a deterministic call,
+switch the module's randomness off instead, e.g. with `eqx.nn.inference_mode(model)`
+and `deterministic_kwarg=`/`train_kwarg=` at construction.\
 """
+
+_ALSO_UNDECLARED = """ {stream!r} is not one of these declared
+streams, so also declare it: `adapters.to_equinox(..., rng_streams={suggested!r})`."""
 
 _UNDECLARED_STREAM = """\
 The linen module asked for a key from rng stream {stream!r} ({detail}), which is not
@@ -109,14 +113,22 @@ stream; the adapter never relies on that. Declare the stream at construction:
 """
 
 _IMMUTABLE = """\
-The linen module tried to create or update a variable in a collection that this
-wrapper does not hold as state ({detail}).
+The linen module tried to create or update a variable in collection {collection!r},
+which this wrapper does not hold as state ({detail}).
 State collections: {state}; trainable collections: {trainable}. Trainable collections
 are read-only during a call, as `params` are in linen. If the module creates the
 collection only during apply, ask for it with
-`(out, captured), state = model(x, state, capture=("<collection>",))`; if it must
+`(out, captured), state = model(x, state, capture=({collection!r},))`; if it must
 persist between calls, make sure linen's init creates it (initialise with example
 arguments that take that code path) so that it lives in the state.\
+"""
+
+
+_NARROWED = """\
+State entry {where} is {leaf}, but JAX runs in 32-bit mode, so an `eqx.nn.State`
+would store it as {stored} and the dtype would be lost. Enable 64-bit mode
+(`jax.config.update("jax_enable_x64", True)`) before building the model, or cast the
+variables to {stored} yourself.\
 """
 
 
@@ -136,8 +148,9 @@ def _mode_kwargs(
     return out
 
 
-def _stream_of(err: Exception) -> str:
-    match = re.search(r'PRNG for "([^"]+)"', str(err))
+def _quoted(err: Exception, before: str) -> str:
+    """The name flax quotes after `before` in its error message."""
+    match = re.search(before + r' "([^"]+)"', str(err))
     return match.group(1) if match else "?"
 
 
@@ -198,6 +211,7 @@ class ToEquinox(eqx.Module):
         deterministic_kwarg: str | Sequence[str] | None = None,
         inference: bool = False,
         init_method: str | Callable[..., Any] | None = None,
+        per_call: str | Sequence[str] = ("intermediates",),
         **kwargs: Any,
     ):
         """**Arguments:**
@@ -228,6 +242,11 @@ class ToEquinox(eqx.Module):
             `**kwargs` name them.
         - `init_method`: the linen method to run at init (linen's `method=`);
             default `__call__`.
+        - `per_call`: collections written anew on every call (by `self.sow`),
+            which an `eqx.nn.State` of fixed shape cannot hold (default
+            `("intermediates",)`, as linen's init). Init does not create them and
+            they are left out of given `variables`; ask for them at call time with
+            `capture=`.
         - `**kwargs`: example keyword arguments for linen's `init`.
 
         **Raises:**
@@ -248,6 +267,7 @@ class ToEquinox(eqx.Module):
                 "`variables=`."
             )
         trainable = normalise_names(trainable, "trainable")
+        per_call = normalise_names(per_call, "per_call")
         self.rng_streams = normalise_names(rng_streams, "rng_streams")
         self.train_kwarg = normalise_names(train_kwarg, "train_kwarg")
         self.deterministic_kwarg = normalise_names(
@@ -262,7 +282,13 @@ class ToEquinox(eqx.Module):
 
         def init(k):
             rngs = linen_rngs(k, ("params", *self.rng_streams))
-            return module.init(rngs, *args, method=init_method, **init_kwargs)
+            return module.init(
+                rngs,
+                *args,
+                method=init_method,
+                mutable=nn.DenyList(per_call),
+                **init_kwargs,
+            )
 
         name = type(module).__name__
         if variables is None:
@@ -274,6 +300,7 @@ class ToEquinox(eqx.Module):
             variables = as_collections(init(key), f"{name}.init")
         else:
             variables = as_collections(variables, "`variables`")
+            variables = {c: t for c, t in variables.items() if c not in per_call}
             if args or kwargs:
                 expected = jax.eval_shape(
                     init, jax.random.key(0) if key is None else key
@@ -298,6 +325,15 @@ class ToEquinox(eqx.Module):
         self._state_specs = tuple(
             (c, TreeSpec.of(t, f"`variables`/{c}")) for c, t in state_trees.items()
         )
+        for collection, spec in self._state_specs:
+            for path, leaf in spec.leaves:
+                stored = jax.dtypes.canonicalize_dtype(leaf.dtype)
+                if stored != leaf.dtype:
+                    raise AdapterError(
+                        _NARROWED.format(
+                            where=f"{collection}/{path}", leaf=leaf, stored=stored
+                        )
+                    )
 
     @property
     def linen_module(self) -> nn.Module:
@@ -328,11 +364,9 @@ class ToEquinox(eqx.Module):
 
     def _state_collections(self, state: eqx.nn.State) -> dict[str, PyTree]:
         out = {}
-        for (collection, spec), index in zip(
-            self._state_specs, self.state_indices.values()
-        ):
+        for collection, spec in self._state_specs:
             try:
-                tree = state.get(index)
+                tree = state.get(self.state_indices[collection])
             except KeyError:
                 raise AdapterError(_FOREIGN_STATE.format(collection=collection))
             problems = spec_problems(spec, TreeSpec.of(tree, collection), collection)
@@ -383,13 +417,13 @@ class ToEquinox(eqx.Module):
         that was not declared; if it writes to a collection the state does not
         hold, or changes a state collection's shape or dtype.
         """
+        for i, arg in enumerate(args[:-1]):
+            if isinstance(arg, eqx.nn.State):
+                raise AdapterError(_STATE_NOT_LAST.format(index=i))
         if not args or not isinstance(args[-1], eqx.nn.State):
             got = "missing" if not args else f"of type {type(args[-1]).__name__}"
             raise AdapterError(_NO_STATE.format(got=got))
         *inputs, state = args
-        for i, arg in enumerate(inputs):
-            if isinstance(arg, eqx.nn.State):
-                raise AdapterError(_STATE_NOT_LAST.format(index=i))
         capture = normalise_names(capture, "capture")
         for collection in capture:
             if collection in self.state_indices or collection in self.variables:
@@ -412,15 +446,20 @@ class ToEquinox(eqx.Module):
                 variables, *inputs, rngs=rngs, method=method, mutable=mutable, **kwargs
             )
         except flax.errors.InvalidRngError as err:
-            stream, streams = _stream_of(err), self.rng_streams
+            stream, streams = _quoted(err, "PRNG for"), self.rng_streams
+            suggested = (*streams, stream)
             if key is None:
-                message = _NEEDS_KEY.format(stream=stream, detail=err, streams=streams)
+                undeclared = ""
+                if stream not in streams:
+                    undeclared = _ALSO_UNDECLARED.format(
+                        stream=stream, suggested=suggested
+                    )
+                message = _NEEDS_KEY.format(
+                    stream=stream, detail=err, streams=streams, undeclared=undeclared
+                )
             else:
                 message = _UNDECLARED_STREAM.format(
-                    stream=stream,
-                    detail=err,
-                    streams=streams,
-                    suggested=(*streams, stream),
+                    stream=stream, detail=err, streams=streams, suggested=suggested
                 )
             raise AdapterError(message) from err
         except (
@@ -429,26 +468,31 @@ class ToEquinox(eqx.Module):
         ) as err:
             raise AdapterError(
                 _IMMUTABLE.format(
-                    detail=err, state=tuple(held), trainable=tuple(self.variables)
+                    collection=_quoted(err, "collection"),
+                    detail=err,
+                    state=tuple(held),
+                    trainable=tuple(self.variables),
                 )
             ) from err
         out, updates = result if mutable else (result, {})
 
-        for (collection, spec), index in zip(
-            self._state_specs, self.state_indices.values()
-        ):
+        for collection, spec in self._state_specs:
             if collection not in updates:
                 continue
             new = as_collections({collection: updates[collection]}, "update")
             new = new[collection]
-            problems = spec_problems(spec, TreeSpec.of(new, collection), collection)
+            problems = spec_problems(
+                spec, TreeSpec.of(new, collection), collection, "new entry"
+            )
             if problems:
                 raise AdapterError(
                     _GROWN_STATE.format(
-                        collection=collection, problems="\n".join(problems)
+                        collection=collection,
+                        problems="\n".join(problems),
+                        per_call=("intermediates", collection),
                     )
                 )
-            state = state.set(index, new)
+            state = state.set(self.state_indices[collection], new)
         if capture:
             captured = as_collections(
                 {c: updates.get(c, {}) for c in capture}, "capture"
@@ -468,6 +512,7 @@ def to_equinox(
     deterministic_kwarg: str | Sequence[str] | None = None,
     inference: bool = False,
     init_method: str | Callable[..., Any] | None = None,
+    per_call: str | Sequence[str] = ("intermediates",),
     **kwargs: Any,
 ) -> tuple[ToEquinox, eqx.nn.State]:
     """Wraps a linen module as an Equinox model and returns `(model, state)`.
@@ -497,5 +542,6 @@ def to_equinox(
         deterministic_kwarg=deterministic_kwarg,
         inference=inference,
         init_method=init_method,
+        per_call=per_call,
         **kwargs,
     )

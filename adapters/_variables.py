@@ -71,8 +71,12 @@ def normalise_names(names: str | Iterable[str] | None, what: str) -> tuple[str, 
                 f"`{what}` must be names (strings), but got {name!r} of type "
                 f"{type(name).__name__} in {names!r}."
             )
-    if len(set(names)) != len(names):
-        raise AdapterError(f"`{what}` names a collection or stream twice: {names!r}.")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise AdapterError(
+            f"`{what}` names {', '.join(map(repr, repeated))} more than once: "
+            f"{names!r}. Give each name once."
+        )
     return names
 
 
@@ -184,7 +188,12 @@ class TreeSpec:
         return ", ".join(f"{p}: {leaf}" for p, leaf in self.leaves) or "empty"
 
 
-def spec_problems(expected: TreeSpec, got: TreeSpec, collection: str) -> list[str]:
+def spec_problems(
+    expected: TreeSpec,
+    got: TreeSpec,
+    collection: str,
+    extra: str = "unexpected entry that the module does not have",
+) -> list[str]:
     """One line per missing, extra, mis-shaped or mis-typed entry; empty if the two
     specs agree (same tree structure, same shapes and dtypes)."""
     want = dict(expected.leaves)
@@ -197,10 +206,7 @@ def spec_problems(expected: TreeSpec, got: TreeSpec, collection: str) -> list[st
             problems.append(f"  {collection}/{path}: expected {leaf}, got {have[path]}")
     for path, leaf in have.items():
         if path not in want:
-            problems.append(
-                f"  {collection}/{path}: unexpected entry ({leaf}) that the module "
-                "does not have"
-            )
+            problems.append(f"  {collection}/{path}: {extra} ({leaf})")
     if not problems and expected.treedef != got.treedef:
         problems.append(
             f"  {collection}: same entries but a different tree structure (for "
