@@ -260,12 +260,17 @@ class ToEquinox(eqx.Module):
                 f"{type(module).__module__}.{type(module).__qualname__}."
             )
         if module.scope is not None:
-            raise AdapterError(
-                f"`adapters.ToEquinox` needs an unbound linen module, but "
-                f"{type(module).__name__} is bound to variables. Pass the module "
-                "definition (e.g. `module.clone(parent=None)`) and its variables as "
-                "`variables=`."
-            )
+            if module.variables:
+                raise AdapterError(
+                    f"`adapters.ToEquinox` needs an unbound linen module, but "
+                    f"{type(module).__name__} is bound to variables. Pass the module "
+                    "definition and its variables: `module, variables = "
+                    "bound.unbind()`, then `to_equinox(module, variables=variables)`."
+                )
+            # Built inside another linen module's method (e.g. in a `ToLinen`
+            # factory), linen binds it to that module; it holds nothing: use its
+            # definition. The user's object is left as it is.
+            module = module.clone(parent=None)
         trainable = normalise_names(trainable, "trainable")
         per_call = normalise_names(per_call, "per_call")
         self.rng_streams = normalise_names(rng_streams, "rng_streams")

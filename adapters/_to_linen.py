@@ -207,11 +207,17 @@ class ToLinen(nn.Module):
         initial = equinox_to_variables(
             skeleton, skeleton_state, self.state_collection, self.buffer_collection
         )
+        # Read what is there (so that a wrong shape gets the adapter's error, with
+        # the whole path); create entries only at init.
         variables: dict[str, dict] = {}
         for collection, tree in initial.items():
             variables[collection] = {}
             for name, value in tree.items():
-                if collection == "params":
+                if self.has_variable(collection, name):
+                    got = self.get_variable(collection, name)
+                elif not initializing:
+                    continue  # reported as missing below
+                elif collection == "params":
                     got = self.param(name, lambda _, v=value: v)
                 else:
                     got = self.variable(collection, name, lambda v=value: v).value

@@ -314,13 +314,14 @@ def test_bound_linen_module(getkey):
     bound = Net().bind(v)
     with pytest.raises(
         adapters.AdapterError,
-        match=_msg("unbound", "Net", "clone(parent=None)", "variables="),
+        match=_msg("unbound", "Net", "bound.unbind()", "variables=variables"),
     ) as info:
         adapters.to_equinox(bound, X, key=getkey())
     assert not isinstance(info.value, TypeError)
     # The suggested fix works.
+    module, variables = bound.unbind()
     model, state = adapters.to_equinox(
-        bound.clone(parent=None), X, variables=v, train_kwarg="train"
+        module, X, variables=variables, train_kwarg="train"
     )
     out, _ = eqx.nn.inference_mode(model)(X, state)
     np.testing.assert_array_equal(out, Net().apply(v, X, train=False))

@@ -1,0 +1,309 @@
+"""`ToLinen`: conventions, errors, and both directions composed, against native
+Equinox and native linen."""
+
+import chex
+import equinox as eqx
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import optax
+import pytest
+
+import adapters
+
+
+def _bn(size, **kwargs):
+    return eqx.nn.make_with_state(eqx.nn.BatchNorm)(
+        size, axis_name="batch", mode="batch", **kwargs
+    )
+
+
+class Stack(eqx.Module):
+    """A native Equinox block with params, an integer buffer and state."""
+
+    linear: eqx.nn.Linear
+    norm: eqx.nn.BatchNorm
+    steps: jax.Array
+
+    def __init__(self, key):
+        self.linear = eqx.nn.Linear(3, 4, key=key)
+        self.norm = eqx.nn.BatchNorm(4, axis_name="batch", mode="batch")
+        self.steps = jnp.arange(3)
+
+    def __call__(self, x, state, *, key=None):
+        y, state = self.norm(self.linear(x), state)
+        return y + jnp.sum(self.steps).astype(y.dtype), state
+
+
+def test_layout_and_round_trip(getkey):
+    model, state = eqx.nn.make_with_state(Stack)(getkey())
+    module, variables = adapters.to_linen(model, state, vmap_axis=0, axis_name="batch")
+    assert set(variables) == {"params", "constants", "batch_stats"}
+    assert variables["params"]["linear"]["weight"] is model.linear.weight
+    assert variables["constants"]["steps"] is model.steps
+    assert (
+        variables["batch_stats"]["norm"]["batch_state_index"][0]
+        is state.get(model.norm.batch_state_index)[0]
+    )
+    back, back_state = module.equinox_model(variables)
+    for a, b in zip(jax.tree.leaves(model), jax.tree.leaves(back), strict=True):
+        assert a is b
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(back_state), strict=True):
+        assert a is b
+
+
+def test_apply_and_update_match_native(getkey):
+    model, state = eqx.nn.make_with_state(Stack)(getkey())
+    module, variables = adapters.to_linen(model, state, vmap_axis=0, axis_name="batch")
+    x = jr.normal(getkey(), (6, 3))
+    out, updates = module.apply(variables, x, mutable=["batch_stats"])
+    native, native_state = jax.vmap(
+        model, axis_name="batch", in_axes=(0, None), out_axes=(0, None)
+    )(x, state)
+    chex.assert_trees_all_close(out, native)
+    _, new_state = module.equinox_model({**variables, **updates})
+    chex.assert_trees_all_close(new_state, native_state)
+
+
+def test_state_update_needs_mutable(getkey):
+    bn, state = _bn(3)
+    module, variables = adapters.to_linen(bn, state, vmap_axis=0, axis_name="batch")
+    x = jr.normal(getkey(), (4, 3))
+    with pytest.raises(adapters.AdapterError, match="'batch_stats' is not\nmutable"):
+        module.apply(variables, x)
+    # inference=True reads the state only: no update, no error, native result.
+    out = module.apply(variables, x, inference=True)
+    native, _ = jax.vmap(
+        eqx.nn.inference_mode(bn),
+        axis_name="batch",
+        in_axes=(0, None),
+        out_axes=(0, None),
+    )(x, state)
+    chex.assert_trees_all_equal(out, native)
+
+
+def test_per_example_state_without_axis_name(getkey):
+    bn, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(3, "batch", mode="batch")
+    module, variables = adapters.to_linen(bn, state, vmap_axis=0)  # no axis_name
+    with pytest.raises(Exception, match="batch"):
+        module.apply(variables, jr.normal(getkey(), (4, 3)), mutable=True)
+
+
+def test_factory_is_rebuilt_without_compute(getkey):
+    """At apply, the factory runs under `eqx.filter_eval_shape`: it sees an
+    abstract key and allocates nothing."""
+    keys_seen = []
+
+    def make(key):
+        keys_seen.append(key)
+        return eqx.nn.Linear(3, 2, key=key)
+
+    module = adapters.ToLinen(make=make)
+    x = jnp.ones(3)
+    key = getkey()
+    variables = module.init(key, x)
+    assert len(keys_seen) == 1 and not isinstance(keys_seen[0], jax.core.Tracer)
+    native = eqx.nn.Linear(3, 2, key=keys_seen[0])
+    chex.assert_trees_all_equal(
+        variables["params"], {"weight": native.weight, "bias": native.bias}
+    )
+    out = module.apply(variables, x)
+    assert len(keys_seen) == 2 and isinstance(keys_seen[1], jax.core.Tracer)
+    chex.assert_trees_all_equal(out, native(x))
+
+
+def test_factory_key_comes_from_params_stream(getkey):
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return adapters.ToLinen(make=lambda k: eqx.nn.Linear(3, 2, key=k))(x)
+
+    key = getkey()
+    variables = Net().init(key, jnp.ones(3))
+    expected_key = Net().init(key, jnp.ones(3))  # deterministic: the same key
+    chex.assert_trees_all_equal(variables, expected_key)
+    other = Net().init(getkey(), jnp.ones(3))
+    assert not jnp.array_equal(
+        other["params"]["ToLinen_0"]["weight"],
+        variables["params"]["ToLinen_0"]["weight"],
+    )
+
+
+def test_variables_that_do_not_fit(getkey):
+    model = eqx.nn.MLP(3, 2, 4, 1, key=getkey())
+    module, variables = adapters.to_linen(model)
+    bad = jax.tree.map(lambda a: a, variables)
+    bad["params"]["layers"]["0"]["weight"] = jnp.zeros((5, 3))
+    del bad["params"]["layers"]["1"]["bias"]
+    with pytest.raises(adapters.AdapterError) as info:
+        module.equinox_model(bad)
+    message = str(info.value)
+    assert "params/layers/0/weight: expected float32[4,3], got float32[5,3]" in message
+    assert "params/layers/1/bias: missing (expected float32[2])" in message
+    with pytest.raises(adapters.AdapterError, match="layers/0/weight"):
+        module.apply(bad, jnp.ones(3))
+
+
+def test_factory_must_return_a_module():
+    module = adapters.ToLinen(make=lambda key: jnp.zeros(3))
+    with pytest.raises(TypeError, match="must return an Equinox module") as info:
+        module.init(jr.key(0), jnp.ones(3))
+    assert isinstance(info.value, adapters.AdapterError)
+
+
+def test_state_collection_clashing_with_params(getkey):
+    with pytest.raises(adapters.AdapterError, match="three different collections"):
+        adapters.to_linen(eqx.nn.Linear(2, 2, key=getkey()), state_collection="params")
+    with pytest.raises(adapters.AdapterError, match="three different collections"):
+        adapters.ToLinen(
+            make=lambda k: eqx.nn.Linear(2, 2, key=k), buffer_collection="batch_stats"
+        ).init(getkey(), jnp.ones(2))
+
+
+def test_model_xor_make(getkey):
+    with pytest.raises(adapters.AdapterError, match="exactly one"):
+        adapters.ToLinen().init(getkey(), jnp.ones(2))
+
+
+def test_stateful_model_without_state(getkey):
+    bn, _ = _bn(3)  # make_with_state removed the initial state from the model
+    with pytest.raises(adapters.AdapterError, match="no `eqx.nn.State`"):
+        adapters.to_linen(bn)
+    # A model built directly still holds its initial state: that is used.
+    raw = eqx.nn.BatchNorm(3, axis_name="batch", mode="batch")
+    module, variables = adapters.to_linen(raw, vmap_axis=0, axis_name="batch")
+    chex.assert_trees_all_equal(
+        variables["batch_stats"]["batch_state_index"],
+        eqx.nn.State(raw).get(raw.batch_state_index),
+    )
+
+
+def test_rng_stream_becomes_key(getkey):
+    """The model's `key` is the wrapper's `self.make_rng("dropout")`, the key any
+    linen layer in its place would draw."""
+    model = eqx.nn.Dropout(0.5)
+    module, variables = adapters.to_linen(model)
+    x, rngs = jnp.ones(20), {"dropout": getkey()}
+    out = module.apply(variables, x, rngs=rngs)
+    key = module.apply(variables, rngs=rngs, method=lambda m: m.make_rng("dropout"))
+    chex.assert_trees_all_equal(out, model(x, key=key))
+    assert (out == 0).any()
+    chex.assert_trees_all_equal(module.apply(variables, x, inference=True), x)
+
+
+# --- both directions composed ------------------------------------------------------
+
+
+class LinenBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = nn.Dense(4)(x)
+        return nn.BatchNorm(use_running_average=not train, momentum=0.8)(x)
+
+
+def test_to_equinox_of_to_linen(getkey):
+    """Equinox -> linen -> Equinox computes what the original Equinox model does."""
+    model, state = eqx.nn.make_with_state(Stack)(getkey())
+    linen_module, _ = adapters.to_linen(model, state, vmap_axis=0, axis_name="batch")
+    x = jr.normal(getkey(), (5, 3))
+    wrapped, wstate = adapters.to_equinox(linen_module, x, key=getkey())
+    out, wstate = wrapped(x, wstate)
+    native, native_state = jax.vmap(
+        model, axis_name="batch", in_axes=(0, None), out_axes=(0, None)
+    )(x, state)
+    chex.assert_trees_all_close(out, native)
+    _, back_state = linen_module.equinox_model(wrapped.linen_variables(wstate))
+    chex.assert_trees_all_close(back_state, native_state)
+
+
+def test_to_linen_of_to_equinox(getkey):
+    """linen -> Equinox -> linen computes what the original linen module does."""
+    x = jr.normal(getkey(), (5, 3))
+    block, state = adapters.to_equinox(
+        LinenBlock(), x, key=getkey(), train_kwarg="train"
+    )
+    variables = block.linen_variables(state)
+    module, linen_variables = adapters.to_linen(block, state)
+    out, updates = module.apply(linen_variables, x, mutable=["batch_stats"])
+    native, native_updates = LinenBlock().apply(
+        variables, x, train=True, mutable=["batch_stats"]
+    )
+    chex.assert_trees_all_equal(out, native)
+    back, back_state = module.equinox_model({**linen_variables, **updates})
+    chex.assert_trees_all_equal(
+        back.linen_variables(back_state)["batch_stats"], native_updates["batch_stats"]
+    )
+    # Inference through both layers: inference=True -> inference_mode -> train=False.
+    out = module.apply(linen_variables, x, inference=True)
+    chex.assert_trees_all_equal(out, LinenBlock().apply(variables, x, train=False))
+
+
+class EqxWithLinenInside(eqx.Module):
+    """An Equinox block holding a linen block (through ToEquinox)."""
+
+    inner: adapters.ToEquinox
+    out: eqx.nn.Linear
+
+    def __init__(self, key):
+        k1, k2 = jr.split(key)
+        self.inner = adapters.ToEquinox(
+            LinenBlock(), jnp.zeros((2, 3)), key=k1, train_kwarg="train"
+        )
+        self.out = eqx.nn.Linear(4, 3, key=k2)
+
+    def __call__(self, x, state, *, key=None):
+        y, state = self.inner(x, state)
+        return jax.vmap(self.out)(jax.nn.relu(y)), state
+
+
+class Sandwich(nn.Module):
+    """linen -> Equinox -> linen: a linen model with an Equinox block inside, which
+    itself holds a linen block."""
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = nn.Dense(3)(x)
+        x = adapters.ToLinen(
+            make=lambda k: eqx.nn.make_with_state(EqxWithLinenInside)(k)
+        )(x, inference=not train)
+        return nn.Dense(1)(x)
+
+
+def test_sandwich_trains_end_to_end(getkey):
+    x = jr.normal(getkey(), (16, 2))
+    y = jnp.sum(x, axis=-1, keepdims=True)
+    variables = Sandwich().init(getkey(), x, train=False)
+    params, batch_stats = variables["params"], variables["batch_stats"]
+    inner_path = ("ToLinen_0", "inner", "state_indices", "batch_stats")
+    optim = optax.adam(1e-2)
+    opt_state = optim.init(params)
+
+    @jax.jit
+    def step(params, batch_stats, opt_state):
+        def loss_fn(params):
+            pred, updates = Sandwich().apply(
+                {"params": params, "batch_stats": batch_stats},
+                x,
+                train=True,
+                mutable=["batch_stats"],
+            )
+            return jnp.mean((pred - y) ** 2), updates["batch_stats"]
+
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = optim.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), batch_stats, opt_state, loss
+
+    def innermost_mean(stats):
+        for k in inner_path:
+            stats = stats[k]
+        return stats["BatchNorm_0"]["mean"]
+
+    losses = []
+    for _ in range(20):
+        params, new_stats, opt_state, loss = step(params, batch_stats, opt_state)
+        losses.append(float(loss))
+        # The innermost linen BatchNorm's running mean moves, step after step.
+        assert not jnp.allclose(innermost_mean(batch_stats), innermost_mean(new_stats))
+        batch_stats = new_stats
+    assert losses[-1] < 0.5 * losses[0]
