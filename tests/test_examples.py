@@ -21,3 +21,11 @@ def test_quickstart(capsys):
     assert diff < 1e-6
     printed = capsys.readouterr().out
     assert "equinox loss" in printed and "linen loss" in printed
+
+
+def test_linen_with_equinox_block(capsys):
+    first, last, diff = _load("linen_with_equinox_block").main(steps=30)
+    assert last < first  # it trains
+    # The block taken back to Equinox computes what it computed inside linen.
+    assert diff < 1e-6
+    assert "ToLinen_0/linear/weight" in capsys.readouterr().out
