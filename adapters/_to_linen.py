@@ -120,6 +120,14 @@ class ToLinen(nn.Module):
     axis_name: Hashable | None = None
     rng_stream: str | None = "dropout"
 
+    def __post_init__(self) -> None:
+        if isinstance(self.state, eqx.nn.State):
+            # Hold a State of our own (the same arrays): the caller's one is consumed
+            # by the caller's next native call (Equinox's guard against reuse).
+            leaves, treedef = jtu.tree_flatten(self.state)
+            object.__setattr__(self, "state", jtu.tree_unflatten(treedef, leaves))
+        super().__post_init__()
+
     def _check_fields(self) -> None:
         if (self.model is None) == (self.make is None):
             raise AdapterError(
@@ -252,6 +260,7 @@ class ToLinen(nn.Module):
             self.put_variable(self.state_collection, name, value)
         return out
 
+    @nn.nowrap  # a plain helper: linen must not record its (consumed) state argument
     def _call_model(
         self,
         model: PyTree,
