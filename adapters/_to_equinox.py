@@ -124,6 +124,15 @@ arguments that take that code path) so that it lives in the state.\
 """
 
 
+_TRACED_INFERENCE = """\
+The `inference` field of this `ToEquinox` is a traced array, so it cannot choose
+between linen's training and inference code paths. This happens when the whole model
+is passed through `jax.jit` (or another transformation) as an argument. Use
+`eqx.filter_jit`, or Equinox's partition pattern, which keeps the flag a Python bool:
+`arrays, static = eqx.partition(model, eqx.is_array)`, then call
+`eqx.combine(arrays, static)` inside the jitted function.\
+"""
+
 _NARROWED = """\
 State entry {where} is {leaf}, but JAX runs in 32-bit mode, so an `eqx.nn.State`
 would store it as {stored} and the dtype would be lost. Enable 64-bit mode
@@ -439,6 +448,8 @@ class ToEquinox(eqx.Module):
                     "returned updated in the state."
                 )
 
+        if isinstance(self.inference, jax.core.Tracer):
+            raise AdapterTypeError(_TRACED_INFERENCE)
         held = self._state_collections(state)
         variables = {**self.variables, **held}
         kwargs = _mode_kwargs(

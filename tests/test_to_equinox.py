@@ -270,6 +270,15 @@ def test_plain_jax_jit_with_partition(getkey):
     )
 
 
+def test_traced_inference_flag_is_explained(getkey):
+    """`jax.jit` of the whole model traces the `inference` bool: say what to do."""
+    x = _x(getkey())
+    model, state = adapters.to_equinox(Block(), x, key=getkey(), train_kwarg="train")
+    with pytest.raises(TypeError, match="(?s)`inference` field.*eqx.partition") as info:
+        jax.jit(lambda m, x, s: m(x, s, key=jr.key(0)))(model, x, state)
+    assert isinstance(info.value, adapters.AdapterError)
+
+
 def test_filter_jit_does_not_retrace(getkey):
     x = _x(getkey())
     model, state = adapters.to_equinox(Block(), x, key=getkey(), train_kwarg="train")
