@@ -448,7 +448,8 @@ class ToEquinox(eqx.Module):
                     "returned updated in the state."
                 )
 
-        if isinstance(self.inference, jax.core.Tracer):
+        mapped = self.train_kwarg or self.deterministic_kwarg
+        if mapped and isinstance(self.inference, jax.core.Tracer):
             raise AdapterTypeError(_TRACED_INFERENCE)
         held = self._state_collections(state)
         variables = {**self.variables, **held}

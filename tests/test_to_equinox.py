@@ -277,6 +277,12 @@ def test_traced_inference_flag_is_explained(getkey):
     with pytest.raises(TypeError, match="(?s)`inference` field.*eqx.partition") as info:
         jax.jit(lambda m, x, s: m(x, s, key=jr.key(0)))(model, x, state)
     assert isinstance(info.value, adapters.AdapterError)
+    # Without a mapped keyword the flag is unused, and plain jax.jit just works.
+    dense, dense_state = adapters.to_equinox(nn.Dense(2), x, key=getkey())
+    out, _ = jax.jit(lambda m, x, s: m(x, s))(dense, x, dense_state)
+    chex.assert_trees_all_close(
+        out, nn.Dense(2).apply(dense.linen_variables(dense_state), x)
+    )
 
 
 def test_filter_jit_does_not_retrace(getkey):
