@@ -1,5 +1,6 @@
 """A linen module inside Equinox: `ToEquinox` and `to_equinox`."""
 
+import inspect
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -141,19 +142,39 @@ variables to {stored} yourself.\
 """
 
 
+def _accepts(module: nn.Module, method: Any, name: str) -> bool:
+    """Whether the linen method (linen's `method=`: `None`, a name or a function)
+    takes keyword `name`. Unknown signatures are given the keyword."""
+    if method is None:
+        method = type(module).__call__
+    elif isinstance(method, str):
+        method = getattr(type(module), method, None)
+    try:
+        parameters = inspect.signature(method).parameters.values()  # pyright: ignore
+    except (TypeError, ValueError):
+        return True
+    return any(
+        p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters
+    )
+
+
 def _mode_kwargs(
     kwargs: dict[str, Any],
     inference: bool,
     train_kwarg: tuple[str, ...],
     deterministic_kwarg: tuple[str, ...],
+    accepts: Callable[[str], bool],
 ) -> dict[str, Any]:
-    """Adds `train=not inference` / `deterministic=inference`, unless the caller gave
-    the keyword explicitly: an explicit keyword wins."""
+    """Adds `train=not inference` / `deterministic=inference` for the keywords the
+    called method takes, unless the caller gave the keyword: an explicit keyword
+    wins."""
     out = dict(kwargs)
     for name in train_kwarg:
-        out.setdefault(name, not inference)
+        if accepts(name):
+            out.setdefault(name, not inference)
     for name in deterministic_kwarg:
-        out.setdefault(name, inference)
+        if accepts(name):
+            out.setdefault(name, inference)
     return out
 
 
@@ -290,8 +311,21 @@ class ToEquinox(eqx.Module):
         self.inference = inference
         self._module = _Static(module)
 
+        for mode_name in (*self.train_kwarg, *self.deterministic_kwarg):
+            if not _accepts(module, init_method, mode_name):
+                raise AdapterError(
+                    f"`train_kwarg`/`deterministic_kwarg` name {mode_name!r}, but "
+                    f"{type(module).__name__}.{init_method or '__call__'} takes no "
+                    f"keyword {mode_name!r}. Name the keyword that switches the "
+                    "module between training and inference (e.g. `train`, "
+                    "`deterministic`), or leave the option out."
+                )
         init_kwargs = _mode_kwargs(
-            kwargs, True, self.train_kwarg, self.deterministic_kwarg
+            kwargs,
+            True,
+            self.train_kwarg,
+            self.deterministic_kwarg,
+            lambda name: _accepts(module, init_method, name),
         )
 
         def init(k):
@@ -454,7 +488,11 @@ class ToEquinox(eqx.Module):
         held = self._state_collections(state)
         variables = {**self.variables, **held}
         kwargs = _mode_kwargs(
-            kwargs, self.inference, self.train_kwarg, self.deterministic_kwarg
+            kwargs,
+            self.inference,
+            self.train_kwarg,
+            self.deterministic_kwarg,
+            lambda name: _accepts(self.linen_module, method, name),
         )
         rngs = None if key is None else linen_rngs(key, self.rng_streams)
         mutable = [*held, *capture] or False
@@ -498,6 +536,12 @@ class ToEquinox(eqx.Module):
                 continue
             new = as_collections({collection: updates[collection]}, "update")
             new = new[collection]
+            old_leaves = jax.tree.leaves(held[collection])
+            new_leaves = jax.tree.leaves(new)
+            if len(old_leaves) == len(new_leaves) and all(
+                a is b for a, b in zip(old_leaves, new_leaves)
+            ):
+                continue  # untouched: keep the state as it is, as Equinox layers do
             problems = spec_problems(
                 spec, TreeSpec.of(new, collection), collection, "new entry"
             )

@@ -496,3 +496,45 @@ def test_user_objects_are_not_mutated(getkey):
     assert module.scope is None
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(variables), strict=True):
         assert a is b
+
+
+def test_untouched_state_is_returned_as_is(getkey):
+    """As `eqx.nn.BatchNorm` in inference mode: a call that updates nothing returns
+    the very state it got, which therefore stays usable."""
+    x = _x(getkey())
+    model, state = adapters.to_equinox(Block(), x, key=getkey(), train_kwarg="train")
+    inference = eqx.nn.inference_mode(model)
+    out1, state1 = inference(x, state)
+    out2, state2 = inference(x, state)  # the same state again: no "old state" error
+    assert state1 is state and state2 is state
+    chex.assert_trees_all_equal(out1, out2)
+    _, trained = model(x, state, key=getkey())  # a real update makes a new state
+    assert trained is not state
+
+
+def test_mode_keyword_only_for_methods_that_take_it(getkey):
+    class TwoMethods(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool):
+            x = nn.Dense(3, name="dense")(x)
+            return nn.Dropout(0.5, deterministic=not train)(x)
+
+        def project(self, x):  # takes no `train`
+            return x @ self.variables["params"]["dense"]["kernel"]
+
+    x = _x(getkey())
+    model, state = adapters.to_equinox(
+        TwoMethods(), x, key=getkey(), train_kwarg="train"
+    )
+    out, state = model(x, state, method="project")
+    chex.assert_trees_all_equal(
+        out,
+        TwoMethods().apply(model.linen_variables(state), x, method="project"),
+    )
+
+
+def test_mode_keyword_the_module_does_not_take(getkey):
+    with pytest.raises(adapters.AdapterError, match="Dense.__call__ takes no keyword"):
+        adapters.to_equinox(
+            nn.Dense(2), _x(getkey()), key=getkey(), train_kwarg="trian"
+        )
