@@ -155,11 +155,13 @@ class ToLinen(nn.Module):
         self._check_fields()
         if self.make is None:
             return _as_model_and_state((self.model, self.state), "`ToLinen(model=...)`")
+
+        def make(key):
+            return _as_model_and_state(self.make(key), "`ToLinen(make=...)`")
+
         if initializing:
-            result = self.make(self.make_rng("params"))
-        else:
-            result = eqx.filter_eval_shape(self.make, jax.random.key(0))
-        return _as_model_and_state(result, "`ToLinen(make=...)`")
+            return make(self.make_rng("params"))
+        return eqx.filter_eval_shape(make, jax.random.key(0))
 
     def equinox_model(self, variables: PyTree) -> tuple[PyTree, eqx.nn.State | None]:
         """Gives back the Equinox model and state held by `variables`.

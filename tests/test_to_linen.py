@@ -307,3 +307,25 @@ def test_sandwich_trains_end_to_end(getkey):
         assert not jnp.allclose(innermost_mean(batch_stats), innermost_mean(new_stats))
         batch_stats = new_stats
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_factory_of_a_model_holding_its_initial_state(getkey):
+    """A factory may return a stateful model built directly (not through
+    `make_with_state`): its initial state is collected, at init and at apply."""
+    module = adapters.ToLinen(
+        make=lambda key: eqx.nn.BatchNorm(3, axis_name="batch", mode="batch"),
+        vmap_axis=0,
+        axis_name="batch",
+    )
+    x = jr.normal(getkey(), (4, 3))
+    variables = module.init(getkey(), x)
+    out, updates = module.apply(variables, x, mutable=["batch_stats"])
+    bn, state = _bn(3)
+    native, native_state = jax.vmap(
+        bn, axis_name="batch", in_axes=(0, None), out_axes=(0, None)
+    )(x, state)
+    chex.assert_trees_all_close(out, native)
+    _, new_state = module.equinox_model({**variables, **updates})
+    chex.assert_trees_all_close(
+        jax.tree.leaves(new_state), jax.tree.leaves(native_state)
+    )
