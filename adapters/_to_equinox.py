@@ -9,6 +9,8 @@ import equinox as eqx
 import flax.errors
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
 from jaxtyping import PRNGKeyArray, PyTree
 
 from ._errors import AdapterError, AdapterTypeError
@@ -17,6 +19,7 @@ from ._variables import (
     linen_rngs,
     normalise_names,
     spec_problems,
+    specs_problems,
     TreeSpec,
     variables_problems,
 )
@@ -409,6 +412,64 @@ class ToEquinox(eqx.Module):
             c: self.variables[c] if c in self.variables else held[c]
             for c in self._order
         }
+
+    def with_linen_variables(
+        self, variables: PyTree
+    ) -> tuple["ToEquinox", eqx.nn.State]:
+        """Returns this model holding other linen variables, e.g. restored from a
+        Flax checkpoint, after checking them against this model's own.
+
+        No init runs and no example arguments are needed: every collection, path,
+        shape and dtype is checked against what this model holds, and every
+        mismatch is reported in one error. The trainable arrays are used as they
+        are (no copy); the state entries become JAX arrays, as `eqx.nn.State`
+        stores them.
+
+        !!! Example
+
+            ```python
+            restored = orbax.checkpoint.StandardCheckpointer().restore(path)
+            model, state = model.with_linen_variables(restored)
+            ```
+
+        **Arguments:**
+
+        - `variables`: a linen variables dict for the wrapped module.
+
+        **Returns:**
+
+        `(model, state)`: a copy of this model with the new trainable arrays, and an
+        `eqx.nn.State` with the new state collections, under this model's own
+        `eqx.nn.StateIndex`es (for a `ToEquinox` inside a larger model, merge it
+        with `big_state.update(state)`).
+
+        **Raises:**
+
+        [`adapters.AdapterError`][] naming every missing, extra, mis-shaped or
+        mis-typed entry.
+        """
+        got = as_collections(variables, "`variables`")
+        expected = {c: TreeSpec.of(t, c) for c, t in self.variables.items()}
+        expected.update(self._state_specs)
+        problems = specs_problems(expected, got, "`variables`")
+        if problems:
+            raise AdapterError(
+                f"The variables do not fit this `ToEquinox` of "
+                f"{type(self.linen_module).__name__}:\n"
+                + "\n".join(problems)
+                + "\nRestore the checkpoint of this model (or wrap the module anew "
+                "with `adapters.to_equinox(module, variables=...)`)."
+            )
+        trainable = {c: got[c] for c in self.variables}
+        model = eqx.tree_at(
+            lambda m: m.variables,
+            self,
+            trainable,
+            is_leaf=lambda x: x is self.variables,
+        )
+        markers = tuple(self.state_indices[c].marker for c, _ in self._state_specs)
+        values = tuple(jtu.tree_map(jnp.asarray, got[c]) for c, _ in self._state_specs)
+        return model, eqx.nn.State.tree_unflatten(markers, values)
 
     def _state_collections(self, state: eqx.nn.State) -> dict[str, PyTree]:
         out = {}

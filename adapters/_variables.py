@@ -216,16 +216,16 @@ def spec_problems(
     return problems
 
 
-def variables_problems(
-    expected: Mapping[str, PyTree], got: Mapping[str, PyTree], where: str
+def specs_problems(
+    expected: Mapping[str, TreeSpec], got: Mapping[str, PyTree], where: str
 ) -> list[str]:
-    """Compares whole variables dicts, collection by collection."""
+    """Compares a whole variables dict with the specs of its collections, collection
+    by collection: one line per problem."""
     problems = []
-    for name in expected:
+    for name, spec in expected.items():
         if name not in got:
             problems.append(
-                f"  {name}: missing collection (expected "
-                f"{TreeSpec.of(expected[name], where).describe()})"
+                f"  {name}: missing collection (expected {spec.describe()})"
             )
     for name, tree in got.items():
         if name not in expected:
@@ -233,10 +233,16 @@ def variables_problems(
                 f"  {name}: unexpected collection that the module does not create"
             )
             continue
-        problems += spec_problems(
-            TreeSpec.of(expected[name], where), TreeSpec.of(tree, where), name
-        )
+        problems += spec_problems(expected[name], TreeSpec.of(tree, where), name)
     return problems
+
+
+def variables_problems(
+    expected: Mapping[str, PyTree], got: Mapping[str, PyTree], where: str
+) -> list[str]:
+    """Compares whole variables dicts, collection by collection."""
+    specs = {name: TreeSpec.of(tree, where) for name, tree in expected.items()}
+    return specs_problems(specs, got, where)
 
 
 # Equinox model + state <-> linen variables. An Equinox model's inexact arrays become
