@@ -1,6 +1,7 @@
 """Flax linen and Equinox models in one codebase, under one explicit state-passing
 convention."""
 
+from . import testing as testing
 from ._errors import AdapterError as AdapterError
 from ._to_equinox import to_equinox as to_equinox, ToEquinox as ToEquinox
 from ._to_linen import to_linen as to_linen, ToLinen as ToLinen
@@ -12,6 +13,7 @@ __all__ = [
     "ToEquinox",
     "ToLinen",
     "linen_rngs",
+    "testing",
     "to_equinox",
     "to_linen",
 ]
