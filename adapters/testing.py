@@ -129,12 +129,14 @@ class _Checker:
                 continue
             error = np.abs(b - a)
             error = np.where(np.isnan(a) & np.isnan(b), 0.0, error)
-            relative = error / np.maximum(np.abs(a), np.finfo(np.float64).tiny)
+            nonzero = a != 0  # relative error is undefined where linen has 0
+            relative = error[nonzero] / np.abs(a[nonzero])
+            rel = f"{np.nanmax(relative):.3g}" if relative.size else "n/a (all 0)"
             self.fail(
                 check,
                 where,
-                f"{name}: max abs error {np.nanmax(error):.3g}, max rel error "
-                f"{np.nanmax(relative):.3g} (rtol={self.rtol}, atol={self.atol}).",
+                f"{name}: max abs error {np.nanmax(error):.3g}, max rel error {rel} "
+                f"(rtol={self.rtol}, atol={self.atol}).",
             )
 
 
