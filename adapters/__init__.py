@@ -3,6 +3,10 @@ convention."""
 
 from . import testing as testing
 from ._errors import AdapterError as AdapterError
+from ._sharding import (
+    named_shardings as named_shardings,
+    partition_specs as partition_specs,
+)
 from ._to_equinox import to_equinox as to_equinox, ToEquinox as ToEquinox
 from ._to_linen import to_linen as to_linen, ToLinen as ToLinen
 from ._variables import linen_rngs as linen_rngs
@@ -13,6 +17,8 @@ __all__ = [
     "ToEquinox",
     "ToLinen",
     "linen_rngs",
+    "named_shardings",
+    "partition_specs",
     "testing",
     "to_equinox",
     "to_linen",

@@ -10,6 +10,7 @@ import jax.tree_util as jtu
 from jaxtyping import PRNGKeyArray, PyTree
 
 from ._errors import AdapterError, AdapterTypeError
+from ._sharding import box_variables, Partition
 from ._variables import (
     equinox_to_variables,
     is_state_index,
@@ -109,6 +110,12 @@ class ToLinen(nn.Module):
         `eqx.nn.BatchNorm(axis_name=...)` reduces across the batch.
     - `rng_stream`: the linen rng stream whose key is passed as the model's `key=`
         (default `"dropout"`), when `apply` is given that stream.
+    - `partition`: how to shard the variables: a function `(path, shape) -> spec`
+        (`path` a tuple of names such as `("layers", "0", "weight")`, `spec` a
+        `PartitionSpec`, a tuple of mesh axis names, or `None` for replicated), or a
+        pytree of `PartitionSpec`s shaped like the model. Named arrays are stored
+        in `nn.Partitioned` boxes, so `nn.get_partition_spec` and Flax's sharding
+        recipes work on the variables.
     """
 
     model: PyTree | None = None
@@ -119,6 +126,7 @@ class ToLinen(nn.Module):
     vmap_axis: int | None = None
     axis_name: Hashable | None = None
     rng_stream: str | None = "dropout"
+    partition: Partition = None
 
     def __post_init__(self) -> None:
         if isinstance(self.state, eqx.nn.State):
@@ -185,7 +193,7 @@ class ToLinen(nn.Module):
         return variables_to_equinox(
             skeleton,
             skeleton_state,
-            variables,
+            nn.meta.unbox(variables),
             self.state_collection,
             self.buffer_collection,
             "`variables`",
@@ -217,6 +225,8 @@ class ToLinen(nn.Module):
         initial = equinox_to_variables(
             skeleton, skeleton_state, self.state_collection, self.buffer_collection
         )
+        if initializing:
+            initial = box_variables(initial, self.partition)
         # Read what is there (so that a wrong shape gets the adapter's error, with
         # the whole path); create entries only at init.
         variables: dict[str, dict] = {}
@@ -235,7 +245,7 @@ class ToLinen(nn.Module):
         model, state = variables_to_equinox(
             skeleton,
             skeleton_state,
-            variables,
+            nn.meta.unbox(variables),  # under a mesh: a sharding constraint, as linen
             self.state_collection,
             self.buffer_collection,
             f"The variables of {self.name or 'ToLinen'}",
@@ -258,7 +268,9 @@ class ToLinen(nn.Module):
         updates = equinox_to_variables(
             model, new_state, self.state_collection, self.buffer_collection
         )[self.state_collection]
-        for name, value in updates.items():
+        for name, value in box_variables(
+            {self.state_collection: updates}, self.partition
+        )[self.state_collection].items():
             self.put_variable(self.state_collection, name, value)
         return out
 
@@ -314,6 +326,7 @@ def to_linen(
     vmap_axis: int | None = None,
     axis_name: Hashable | None = None,
     rng_stream: str | None = "dropout",
+    partition: Partition = None,
 ) -> tuple[ToLinen, dict[str, dict]]:
     """Wraps an Equinox model (and its state) as a linen module, with its variables.
 
@@ -344,8 +357,9 @@ def to_linen(
         vmap_axis=vmap_axis,
         axis_name=axis_name,
         rng_stream=rng_stream,
+        partition=partition,
     )
     module._check_fields()
     model, state = _as_model_and_state((model, state), "`adapters.to_linen`")
     variables = equinox_to_variables(model, state, state_collection, buffer_collection)
-    return module, variables
+    return module, box_variables(variables, partition)
