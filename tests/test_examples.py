@@ -29,3 +29,25 @@ def test_linen_with_equinox_block(capsys):
     # The block taken back to Equinox computes what it computed inside linen.
     assert diff < 1e-6
     assert "ToLinen_0/linear/weight" in capsys.readouterr().out
+
+
+def test_sharded_training():
+    """Needs 8 devices, fixed when JAX starts: run in a fresh process."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "sharded_training.py"), "--steps", "3"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "P(None, 'model')" in out and "P('data',)" in out
+    diff = float(re.search(r"one device\| over the parameters: ([0-9.e+-]+)", out).group(1))
+    assert diff < 1e-5
