@@ -9,13 +9,12 @@ import equinox as eqx
 import flax.errors
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import jax.tree_util as jtu
 from jaxtyping import PRNGKeyArray, PyTree
 
 from ._errors import AdapterError, AdapterTypeError
 from ._variables import (
     as_collections,
+    as_jax_arrays,
     linen_rngs,
     normalise_names,
     spec_problems,
@@ -137,13 +136,6 @@ is passed through `jax.jit` (or another transformation) as an argument. Use
 `eqx.combine(arrays, static)` inside the jitted function.\
 """
 
-_NARROWED = """\
-State entry {where} is {leaf}, but JAX runs in 32-bit mode, so an `eqx.nn.State`
-would store it as {stored} and the dtype would be lost. Enable 64-bit mode
-(`jax.config.update("jax_enable_x64", True)`) before building the model, or cast the
-variables to {stored} yourself.\
-"""
-
 
 def _accepts(module: nn.Module, method: Any, name: str) -> bool:
     """Whether the linen method (linen's `method=`: `None`, a name or a function)
@@ -226,7 +218,6 @@ class ToEquinox(eqx.Module):
     state_indices: dict[str, eqx.nn.StateIndex]
     inference: bool
     _module: _Static = eqx.field(static=True)
-    _order: tuple[str, ...] = eqx.field(static=True, repr=False)
     _state_specs: tuple[tuple[str, TreeSpec], ...] = eqx.field(static=True, repr=False)
     rng_streams: tuple[str, ...] = eqx.field(static=True)
     train_kwarg: tuple[str, ...] = eqx.field(static=True)
@@ -255,7 +246,8 @@ class ToEquinox(eqx.Module):
             [`adapters.linen_rngs`][] into the streams `("params", *rng_streams)`.
             Not needed when `variables` are given.
         - `variables`: existing linen variables (e.g. pretrained), wrapped as they
-            are, without copying a buffer; no init is run. If example arguments are
+            are, without copying a buffer (numpy arrays become JAX arrays, with
+            their dtype); no init is run. If example arguments are
             given too, the variables are checked against what linen's init would
             create (with `jax.eval_shape`, so no compute), and every missing, extra,
             mis-shaped or mis-typed entry is reported in one error.
@@ -369,22 +361,12 @@ class ToEquinox(eqx.Module):
                         "example arguments, to skip this check)."
                     )
 
-        self._order = tuple(variables)
+        specs = {c: TreeSpec.of(t, f"`variables`/{c}") for c, t in variables.items()}
+        variables = {c: as_jax_arrays(t, specs[c], c) for c, t in variables.items()}
         self.variables = {c: t for c, t in variables.items() if c in trainable}
         state_trees = {c: t for c, t in variables.items() if c not in trainable}
         self.state_indices = {c: eqx.nn.StateIndex(t) for c, t in state_trees.items()}
-        self._state_specs = tuple(
-            (c, TreeSpec.of(t, f"`variables`/{c}")) for c, t in state_trees.items()
-        )
-        for collection, spec in self._state_specs:
-            for path, leaf in spec.leaves:
-                stored = jax.dtypes.canonicalize_dtype(leaf.dtype)
-                if stored != leaf.dtype:
-                    raise AdapterError(
-                        _NARROWED.format(
-                            where=f"{collection}/{path}", leaf=leaf, stored=stored
-                        )
-                    )
+        self._state_specs = tuple((c, specs[c]) for c in state_trees)
 
     @property
     def linen_module(self) -> nn.Module:
@@ -396,7 +378,7 @@ class ToEquinox(eqx.Module):
         model, every other collection from `state`.
 
         The arrays are the model's and the state's own (no copy), with their
-        dtypes, in the collections' original order, so
+        dtypes (trainable collections first, then the state's), so
         `module.apply(model.linen_variables(state), ...)` is linen's native path.
 
         **Arguments:**
@@ -407,11 +389,7 @@ class ToEquinox(eqx.Module):
 
         A dict `{collection: nested dict}`.
         """
-        held = self._state_collections(state)
-        return {
-            c: self.variables[c] if c in self.variables else held[c]
-            for c in self._order
-        }
+        return {**self.variables, **self._state_collections(state)}
 
     def with_linen_variables(
         self, variables: PyTree
@@ -421,9 +399,9 @@ class ToEquinox(eqx.Module):
 
         No init runs and no example arguments are needed: every collection, path,
         shape and dtype is checked against what this model holds, and every
-        mismatch is reported in one error. The trainable arrays are used as they
-        are (no copy); the state entries become JAX arrays, as `eqx.nn.State`
-        stores them.
+        mismatch is reported in one error. JAX arrays are used as they are (no
+        copy); numpy arrays (as `flax.serialization` restores them) become JAX
+        arrays, so that Equinox's filters and optax see them.
 
         !!! Example
 
@@ -460,6 +438,7 @@ class ToEquinox(eqx.Module):
                 + "\nRestore the checkpoint of this model (or wrap the module anew "
                 "with `adapters.to_equinox(module, variables=...)`)."
             )
+        got = {c: as_jax_arrays(t, expected[c], c) for c, t in got.items()}
         trainable = {c: got[c] for c in self.variables}
         model = eqx.tree_at(
             lambda m: m.variables,
@@ -468,7 +447,7 @@ class ToEquinox(eqx.Module):
             is_leaf=lambda x: x is self.variables,
         )
         markers = tuple(self.state_indices[c].marker for c, _ in self._state_specs)
-        values = tuple(jtu.tree_map(jnp.asarray, got[c]) for c, _ in self._state_specs)
+        values = tuple(got[c] for c, _ in self._state_specs)
         return model, eqx.nn.State.tree_unflatten(markers, values)
 
     def _state_collections(self, state: eqx.nn.State) -> dict[str, PyTree]:

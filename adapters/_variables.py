@@ -188,6 +188,30 @@ class TreeSpec:
         return ", ".join(f"{p}: {leaf}" for p, leaf in self.leaves) or "empty"
 
 
+_NARROWED = """\
+Variable {where} is {leaf}, but JAX runs in 32-bit mode, so as a JAX array it
+would be {stored} and the dtype would be lost. Enable 64-bit mode
+(`jax.config.update("jax_enable_x64", True)`) before building the model, or cast the
+variables to {stored} yourself.\
+"""
+
+
+def as_jax_arrays(tree: PyTree, spec: "TreeSpec", collection: str) -> PyTree:
+    """The tree with numpy leaves as JAX arrays (JAX arrays are kept, never copied),
+    so that Equinox's filters (`eqx.is_inexact_array`) and optax see every array;
+    refuses a dtype that JAX would narrow (float64 in 32-bit mode)."""
+    for path, leaf in spec.leaves:
+        stored = jax.dtypes.canonicalize_dtype(leaf.dtype)
+        if stored != leaf.dtype:
+            raise AdapterError(
+                _NARROWED.format(where=f"{collection}/{path}", leaf=leaf, stored=stored)
+            )
+    return jtu.tree_map(
+        lambda x: jnp.asarray(x) if isinstance(x, (np.ndarray, np.generic)) else x,
+        tree,
+    )
+
+
 def spec_problems(
     expected: TreeSpec,
     got: TreeSpec,
