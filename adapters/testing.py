@@ -15,6 +15,7 @@ from typing import Any
 import equinox as eqx
 import flax.linen as nn
 import jax
+import jax.extend.core as jex_core
 import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import PRNGKeyArray, PyTree
@@ -75,6 +76,37 @@ def _equinox_paths(
     return paths
 
 
+def _sources(
+    as_linen: Callable, model: PyTree, state: Any, name: str
+) -> Callable[[str], list[str]]:
+    """For a leaf that `as_linen` computes, the paths of the model's arrays it is
+    computed from: found by tracing `as_linen` to a jaxpr and walking back from
+    that leaf to the inputs it depends on. Runs only when a check fails."""
+
+    def find(linen_path: str) -> list[str]:
+        arrays, static = eqx.partition(model, eqx.is_array)
+        flat, _ = jtu.tree_flatten_with_path(arrays)
+
+        def leaf(arrays):
+            return _flat(as_linen(eqx.combine(arrays, static), state), "")[linen_path]
+
+        try:
+            jaxpr = jax.make_jaxpr(leaf)(arrays).jaxpr
+        except Exception:  # an `as_linen` that cannot be traced: no names
+            return []
+        needed = {v for v in jaxpr.outvars if isinstance(v, jex_core.Var)}
+        for eqn in reversed(jaxpr.eqns):
+            if any(v in needed for v in eqn.outvars):
+                needed |= {v for v in eqn.invars if isinstance(v, jex_core.Var)}
+        return [
+            name + jtu.keystr(path)
+            for (path, _), var in zip(flat, jaxpr.invars)
+            if var in needed
+        ]
+
+    return find
+
+
 def _describe(x: Any) -> str:
     return f"{np.asarray(x).dtype}[{','.join(map(str, np.shape(x)))}]"
 
@@ -84,8 +116,9 @@ class _Checker:
         self.rtol, self.atol = rtol, atol
 
     def fail(self, check: str, where: str, detail: str) -> None:
+        verb = "differ" if check == "parameters" else "differs"
         raise AssertionError(
-            f"{PREFIX}assert_equivalent failed: {check} differs ({where}) {detail}"
+            f"{PREFIX}assert_equivalent failed: {check} {verb} ({where}) {detail}"
         )
 
     def trees(
@@ -95,9 +128,12 @@ class _Checker:
         linen: PyTree,
         equinox: PyTree,
         equinox_paths: dict[int, str] | None = None,
+        sources: Callable[[str], list[str]] | None = None,
     ) -> None:
         """`linen` is the reference, `equinox` the candidate, both in linen's
-        layout; `equinox_paths` names the candidate's leaves in the Equinox model."""
+        layout; `equinox_paths` names the candidate's leaves in the Equinox model,
+        and `sources(path)` the Equinox arrays that a leaf `as_linen` computed
+        (e.g. a transposed kernel) is made from."""
         root = "output" if check == "output" else ""
         expected, got = _flat(linen, root), _flat(equinox, root)
         missing = [p for p in expected if p not in got]
@@ -112,9 +148,12 @@ class _Checker:
         for path, want in expected.items():
             have = got[path]
             name = f"at {path!r}" if check == "output" else f"at linen path {path!r}"
-            if equinox_paths is not None:
-                origin = equinox_paths.get(id(have), "(computed by `as_linen`)")
-                name += f" (Equinox path {origin})"
+            if equinox_paths is not None and id(have) in equinox_paths:
+                name += f" (Equinox path {equinox_paths[id(have)]})"
+            elif sources is not None:
+                found = sources(path)
+                if found:
+                    name += f" (computed by `as_linen` from {', '.join(found)})"
             if np.shape(want) != np.shape(have) or (
                 np.asarray(want).dtype != np.asarray(have).dtype
             ):
@@ -127,16 +166,24 @@ class _Checker:
             b = np.asarray(have).astype(np.float64)
             if np.allclose(b, a, rtol=self.rtol, atol=self.atol, equal_nan=True):
                 continue
-            error = np.abs(b - a)
-            error = np.where(np.isnan(a) & np.isnan(b), 0.0, error)
+            one_nan = np.isnan(a) != np.isnan(b)
+            if one_nan.any():
+                side = "Equinox" if np.isnan(b[one_nan]).any() else "linen"
+                self.fail(
+                    check,
+                    where,
+                    f"{name}: NaN on the {side} side only, at "
+                    f"{int(one_nan.sum())} of {a.size} positions.",
+                )
+            error = np.where(np.isnan(a), 0.0, np.abs(b - a))  # NaN on both: equal
             nonzero = a != 0  # relative error is undefined where linen has 0
             relative = error[nonzero] / np.abs(a[nonzero])
-            rel = f"{np.nanmax(relative):.3g}" if relative.size else "n/a (all 0)"
+            rel = f"{np.max(relative):.3g}" if relative.size else "n/a (all 0)"
             self.fail(
                 check,
                 where,
-                f"{name}: max abs error {np.nanmax(error):.3g}, max rel error {rel} "
-                f"(rtol={self.rtol}, atol={self.atol}).",
+                f"{name}: max abs error {np.max(error):.3g}, max "
+                f"rel error {rel} (rtol={self.rtol}, atol={self.atol}).",
             )
 
 
@@ -216,9 +263,10 @@ def assert_equivalent(
         step, and the number of steps (at least 2 with `jit`, so that a retrace
         shows).
     - `rtol`, `atol`: tolerances, as in `numpy.allclose`. The defaults suit float32.
-        For bfloat16 models, use about `rtol=atol=1e-2`; for models whose port
-        reorders reductions (a transposed matmul, another attention layout), float32
-        may need `rtol=1e-4`.
+        Dtypes must match exactly: compare a bfloat16 port with a bfloat16 linen
+        model (`param_dtype`/`dtype`), with about `rtol=atol=1e-2`. A port that
+        reorders reductions (a transposed matmul, another attention layout) may
+        need `rtol=1e-4` in float32.
     - `jit`: compile each side's step with `eqx.filter_jit` (default), or run it
         eagerly.
 
@@ -226,7 +274,10 @@ def assert_equivalent(
 
     `AssertionError` (prefixed `[adapters.testing]`) naming the check (output,
     state, gradient or parameters), the mode and step, the first differing leaf by
-    linen path and Equinox path, and the max absolute and relative errors.
+    linen path and Equinox path (for a leaf that `as_linen` computes, e.g. a
+    transposed kernel, the Equinox arrays it is computed from), and the max
+    absolute and relative errors, or where a NaN appears on one side only; also
+    when a jitted step retraces.
     `TypeError` if the model's layout cannot be matched without `as_linen`.
     """
     for mode in modes:
@@ -272,20 +323,22 @@ def assert_equivalent(
         for k in range(steps):
             where = f"{mode} mode, step {k}"
             step_key = None if key is None else jax.random.fold_in(key, k)
-            ref_out, ref_grads = ref.step(ref_step, step_key)
-            out, grads = cand.step(eqx_step, step_key)
+            ref_out, ref_grads = ref.step(ref_step, step_key, where, "linen")
+            out, grads = cand.step(eqx_step, step_key, where, "Equinox")
             checker.trees("output", where, ref_out, out)
 
             ref_vars = ref.model.linen_variables(ref.state)
             cand_vars = as_linen(cand.model, cand.state)
             cand_paths = _equinox_paths(cand.model, cand.state)
             non_trainable = {c: t for c, t in ref_vars.items() if c not in trainable}
+            cand_sources = _sources(as_linen, cand.model, cand.state, "model")
             checker.trees(
                 "state",
                 where,
                 non_trainable,
                 {c: cand_vars.get(c) for c in non_trainable},
                 cand_paths,
+                cand_sources,
             )
             grad_vars = as_linen(grads, cand.state)
             checker.trees(
@@ -294,6 +347,7 @@ def assert_equivalent(
                 {c: ref_grads.variables[c] for c in ref_grads.variables},
                 {c: grad_vars.get(c) for c in ref_grads.variables},
                 _equinox_paths(grads, name="grads"),
+                _sources(as_linen, grads, cand.state, "grads"),
             )
             if optimizer is not None:
                 checker.trees(
@@ -302,6 +356,7 @@ def assert_equivalent(
                     {c: ref_vars[c] for c in trainable if c in ref_vars},
                     {c: cand_vars.get(c) for c in trainable if c in ref_vars},
                     cand_paths,
+                    cand_sources,
                 )
 
 
@@ -312,14 +367,34 @@ class _Side:
         # A State of our own (the same arrays): an eager call consumes the State it
         # is given, and the caller's must stay usable.
         leaves, treedef = jtu.tree_flatten(state)
-        self.model, self.opt_state = model, None
         self.state = jtu.tree_unflatten(treedef, leaves)
+        # Weakly typed arrays (from Python scalars) become strongly typed after
+        # the first update, which would retrace the step: start strong.
+        self.model = jtu.tree_map(_strong, model)
+        self.opt_state = None
 
-    def step(self, step: Callable, key: PRNGKeyArray | None) -> tuple[Any, PyTree]:
-        out, self.state, grads, self.model, self.opt_state = step(
-            self.model, self.state, key, self.opt_state
-        )
+    def step(
+        self, step: Callable, key: PRNGKeyArray | None, where: str, side: str
+    ) -> tuple[Any, PyTree]:
+        try:
+            out, self.state, grads, self.model, self.opt_state = step(
+                self.model, self.state, key, self.opt_state
+            )
+        except RuntimeError as err:
+            if "can only be traced" not in str(err):
+                raise
+            raise AssertionError(
+                f"{PREFIX}assert_equivalent failed: the jitted step of the {side} "
+                f"side retraced ({where}): an argument changed its structure, shape "
+                f"or dtype between steps, so each step compiles anew. {err}"
+            ) from err
         return out, grads
+
+
+def _strong(x: Any) -> Any:
+    if isinstance(x, jax.Array) and getattr(x, "weak_type", False):
+        return jax.numpy.asarray(x, dtype=x.dtype)
+    return x
 
 
 def _wrapped_as_linen(model: ToEquinox, state: eqx.nn.State | None) -> PyTree:
