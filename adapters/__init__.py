@@ -3,6 +3,7 @@ convention."""
 
 from . import testing as testing
 from ._errors import AdapterError as AdapterError
+from ._nnx import NNXToEquinox as NNXToEquinox
 from ._sharding import (
     named_shardings as named_shardings,
     partition_specs as partition_specs,
@@ -14,6 +15,7 @@ from ._variables import linen_rngs as linen_rngs
 
 __all__ = [
     "AdapterError",
+    "NNXToEquinox",
     "ToEquinox",
     "ToLinen",
     "linen_rngs",

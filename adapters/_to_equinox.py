@@ -9,9 +9,12 @@ import equinox as eqx
 import flax.errors
 import flax.linen as nn
 import jax
+from flax import nnx
 from jaxtyping import PRNGKeyArray, PyTree
 
 from ._errors import AdapterError, AdapterTypeError
+from ._nnx import NNXToEquinox
+from ._static import Static
 from ._variables import (
     as_collections,
     as_jax_arrays,
@@ -22,42 +25,6 @@ from ._variables import (
     TreeSpec,
     variables_problems,
 )
-
-
-class _Static:
-    """Holds a linen module as static data of an `eqx.Module`.
-
-    Linen modules hash by value, except those holding a list or another unhashable
-    attribute (`nn.Sequential` among them): those hash by identity instead, so that
-    `eqx.filter_jit` still caches on them. The hash is computed once.
-    """
-
-    __slots__ = ("value", "_hash", "_by_value")
-
-    def __init__(self, value: Any):
-        self.value = value
-        try:
-            self._hash, self._by_value = hash(value), True
-        except TypeError:
-            self._hash, self._by_value = id(value), False
-
-    def __hash__(self) -> int:
-        return self._hash
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, _Static):
-            return NotImplemented
-        if self.value is other.value:
-            return True
-        return (
-            self._by_value
-            and other._by_value
-            and self._hash == other._hash
-            and bool(self.value == other.value)
-        )
-
-    def __repr__(self) -> str:
-        return type(self.value).__name__ + "(...)"
 
 
 _NO_STATE = """\
@@ -217,7 +184,7 @@ class ToEquinox(eqx.Module):
     variables: dict[str, PyTree]
     state_indices: dict[str, eqx.nn.StateIndex]
     inference: bool
-    _module: _Static = eqx.field(static=True)
+    _module: Static = eqx.field(static=True)
     _state_specs: tuple[tuple[str, TreeSpec], ...] = eqx.field(static=True, repr=False)
     rng_streams: tuple[str, ...] = eqx.field(static=True)
     train_kwarg: tuple[str, ...] = eqx.field(static=True)
@@ -280,9 +247,15 @@ class ToEquinox(eqx.Module):
         there is neither `key` nor `variables` to build them from.
         """
         if not isinstance(module, nn.Module):
+            hint = ""
+            if isinstance(module, nnx.Module):
+                hint = (
+                    " For a Flax NNX module, call `adapters.to_equinox(module)`, "
+                    "which builds an `adapters.NNXToEquinox`."
+                )
             raise AdapterTypeError(
                 "`adapters.ToEquinox` wraps a `flax.linen.Module`, but got "
-                f"{type(module).__module__}.{type(module).__qualname__}."
+                f"{type(module).__module__}.{type(module).__qualname__}.{hint}"
             )
         if module.scope is not None:
             if module.variables:
@@ -304,7 +277,7 @@ class ToEquinox(eqx.Module):
             deterministic_kwarg, "deterministic_kwarg"
         )
         self.inference = inference
-        self._module = _Static(module)
+        self._module = Static(module)
 
         for mode_name in (*self.train_kwarg, *self.deterministic_kwarg):
             if not _accepts(module, init_method, mode_name):
@@ -603,11 +576,11 @@ class ToEquinox(eqx.Module):
 
 
 def to_equinox(
-    module: nn.Module,
+    module: nn.Module | nnx.Module,
     *args: Any,
     key: PRNGKeyArray | None = None,
     variables: PyTree | None = None,
-    trainable: str | Sequence[str] = ("params",),
+    trainable: Any = None,
     rng_streams: str | Sequence[str] = ("dropout",),
     train_kwarg: str | Sequence[str] | None = None,
     deterministic_kwarg: str | Sequence[str] | None = None,
@@ -616,10 +589,16 @@ def to_equinox(
     per_call: str | Sequence[str] = ("intermediates",),
     **kwargs: Any,
 ) -> tuple[ToEquinox, eqx.nn.State]:
-    """Wraps a linen module as an Equinox model and returns `(model, state)`.
+    """Wraps a linen module (or an NNX module) as an Equinox model and returns
+    `(model, state)`.
 
-    Exactly `eqx.nn.make_with_state(adapters.ToEquinox)(...)`: see
-    [`adapters.ToEquinox`][] for the arguments.
+    For a linen module, exactly `eqx.nn.make_with_state(adapters.ToEquinox)(...)`:
+    see [`adapters.ToEquinox`][] for the arguments (`trainable` defaults to
+    `("params",)`). For an initialised `flax.nnx.Module`,
+    `eqx.nn.make_with_state(adapters.NNXToEquinox)(module, trainable=...,
+    inference=...)`, with `trainable` an NNX filter (default `nnx.Param`); no
+    example arguments or key are needed, and the linen-only options must be left
+    out.
 
     !!! Example
 
@@ -632,12 +611,33 @@ def to_equinox(
 
     `(model, state)`: the [`adapters.ToEquinox`][] and its `eqx.nn.State`.
     """
+    if isinstance(module, nnx.Module):
+        linen_only = dict(
+            key=key,
+            variables=variables,
+            train_kwarg=train_kwarg,
+            deterministic_kwarg=deterministic_kwarg,
+            init_method=init_method,
+        )
+        given = [k for k, v in linen_only.items() if v is not None]
+        if args or kwargs or given or rng_streams != ("dropout",):
+            raise AdapterTypeError(
+                "`adapters.to_equinox(nnx_module)` takes an initialised NNX module "
+                "and only `trainable=` and `inference=`; example arguments, `key`, "
+                f"`variables` and the linen options do not apply (got "
+                f"{', '.join(given + list(kwargs)) or 'example arguments'})."
+            )
+        return eqx.nn.make_with_state(NNXToEquinox)(
+            module,
+            trainable=nnx.Param if trainable is None else trainable,
+            inference=inference,
+        )
     return eqx.nn.make_with_state(ToEquinox)(
         module,
         *args,
         key=key,
         variables=variables,
-        trainable=trainable,
+        trainable=("params",) if trainable is None else trainable,
         rng_streams=rng_streams,
         train_kwarg=train_kwarg,
         deterministic_kwarg=deterministic_kwarg,

@@ -139,12 +139,19 @@ def path_str(path: tuple[Any, ...]) -> str:
     return "/".join(path_keys(path))
 
 
+def _dtype(dtype: Any) -> Any:
+    """A numpy dtype, or JAX's own for typed PRNG keys (`key<fry>`)."""
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.extended):
+        return dtype
+    return np.dtype(dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class Leaf:
     """Shape and dtype of one variable, without its value."""
 
     shape: tuple[int, ...]
-    dtype: np.dtype
+    dtype: Any
 
     def __str__(self) -> str:
         return f"{self.dtype}[{','.join(map(str, self.shape))}]"
@@ -157,7 +164,7 @@ def abstract_leaf(x: Any, where: str) -> Leaf:
             raise AdapterTypeError(f"{where}: a partitioning box must hold one array.")
         x = inner[0]
     if hasattr(x, "shape") and hasattr(x, "dtype"):
-        return Leaf(tuple(x.shape), np.dtype(x.dtype))
+        return Leaf(tuple(x.shape), _dtype(x.dtype))
     if isinstance(x, (bool, int, float, complex)):
         return Leaf((), np.dtype(jnp.asarray(x).dtype))
     raise AdapterTypeError(
@@ -201,6 +208,8 @@ def as_jax_arrays(tree: PyTree, spec: "TreeSpec", collection: str) -> PyTree:
     so that Equinox's filters (`eqx.is_inexact_array`) and optax see every array;
     refuses a dtype that JAX would narrow (float64 in 32-bit mode)."""
     for path, leaf in spec.leaves:
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.extended):
+            continue  # typed PRNG keys
         stored = jax.dtypes.canonicalize_dtype(leaf.dtype)
         if stored != leaf.dtype:
             raise AdapterError(

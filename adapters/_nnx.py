@@ -1,0 +1,229 @@
+"""A Flax NNX module inside Equinox: `NNXToEquinox`."""
+
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.tree_util as jtu
+from flax import nnx
+from jaxtyping import PyTree
+
+from ._errors import AdapterError, AdapterTypeError
+from ._static import Static
+from ._variables import as_jax_arrays, spec_problems, TreeSpec
+
+
+_NOT_SPLITTABLE = """\
+`adapters.to_equinox` could not split the NNX module {name} into its variables
+({err}). NNX modules must keep their arrays in `nnx.Variable`s (`nnx.Param`,
+`nnx.BatchStat`, ...) and be splittable with `nnx.split(module)`; fix the module, or
+wrap its arrays in variables.\
+"""
+
+_WRONG_STATE = """\
+The state passed to this `NNXToEquinox` does not fit its NNX variables:
+{problems}
+The state was probably made for another model. Pass the state that
+`adapters.to_equinox(nnx_module)` returned together with this model.\
+"""
+
+_GROWN = """\
+During the call, the NNX module changed its {what}:
+{problems}
+An `eqx.nn.State` (and an Equinox model's arrays) have a fixed structure, shape and
+dtype, so this update cannot be held, and the adapter will not drop it. Create every
+variable with its final shape in the module's `__init__` (e.g. a decode cache with
+its full length), and keep its dtype.\
+"""
+
+_PARAMS_CHANGED = """\
+During the call, the NNX module assigned new values to trainable variables:
+{paths}
+Trainable variables are the Equinox model's own arrays and cannot be updated by a
+call (a call returns only `(out, state)`). If these variables are state (e.g.
+statistics), make them non-trainable: `adapters.to_equinox(module,
+trainable=nnx.Param)` keeps only `nnx.Param`s trainable; use another `nnx.Variable`
+type for the state.\
+"""
+
+
+def _pure(state: nnx.State) -> dict:
+    return nnx.to_pure_dict(state)
+
+
+def _same_leaves(a: PyTree, b: PyTree) -> list[str]:
+    """Paths of `b` whose leaf is not the very array of `a` at the same path."""
+    flat_a = dict(jtu.tree_flatten_with_path(a)[0])
+    return [
+        jtu.keystr(path)
+        for path, leaf in jtu.tree_flatten_with_path(b)[0]
+        if flat_a.get(path) is not leaf
+    ]
+
+
+class NNXToEquinox(eqx.Module):
+    """A Flax NNX module as an Equinox module with explicit state.
+
+    The NNX module's trainable variables (by default its `nnx.Param`s) are the
+    model's array leaves, as a nested dict by attribute path
+    (`model.variables["linear"]["kernel"]`); every other variable (batch
+    statistics, caches, RNG keys and counts, your own `nnx.Variable` types) lives in
+    an `eqx.nn.State`. At call time the NNX module is rebuilt inside the current
+    trace with `nnx.merge`, called, and split again, so the NNX module's own RNG
+    streams advance in the returned state exactly as they would natively.
+
+    Build it with [`adapters.to_equinox`][] (`adapters.to_equinox(nnx_module)`).
+
+    !!! Example
+
+        ```python
+        module = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.relu)
+        model, state = adapters.to_equinox(module)
+        out, state = model(x, state)
+        module_again = model.nnx_module(state)   # a new NNX object
+        ```
+    """
+
+    variables: dict
+    state_index: eqx.nn.StateIndex
+    inference: bool
+    _graphdef: Static = eqx.field(static=True)
+    _templates: Static = eqx.field(static=True, repr=False)
+    _specs: tuple[TreeSpec, TreeSpec] = eqx.field(static=True, repr=False)
+    trainable: Any = eqx.field(static=True)
+
+    def __init__(
+        self, module: nnx.Module, trainable: Any = nnx.Param, inference: bool = False
+    ):
+        """**Arguments:**
+
+        - `module`: an initialised `flax.nnx.Module` (it is not mutated).
+        - `trainable`: an NNX filter of the variables that become trainable array
+            leaves (default `nnx.Param`; e.g. `(nnx.Param, MyVariable)`).
+        - `inference`: if `True`, calls run the module in `eval()` mode; flipped by
+            `eqx.nn.inference_mode`. With `False`, the module runs in the mode it was
+            built with.
+        """
+        if not isinstance(module, nnx.Module):
+            raise AdapterTypeError(
+                "`adapters.NNXToEquinox` wraps a `flax.nnx.Module`, but got "
+                f"{type(module).__qualname__}."
+            )
+        try:
+            graphdef, params, rest = nnx.split(module, trainable, ...)
+        except Exception as err:
+            raise AdapterError(
+                _NOT_SPLITTABLE.format(name=type(module).__name__, err=err)
+            ) from err
+        pure_params, pure_rest = _pure(params), _pure(rest)
+        specs = (TreeSpec.of(pure_params, "params"), TreeSpec.of(pure_rest, "state"))
+        self.variables = as_jax_arrays(pure_params, specs[0], "trainable")
+        self.state_index = eqx.nn.StateIndex(
+            as_jax_arrays(pure_rest, specs[1], "state")
+        )
+        self.inference = inference
+        self._graphdef = Static(graphdef)
+        # The variables' metadata without their values: rebuilt at call time.
+        self._templates = Static(jax.eval_shape(lambda: (params, rest)))
+        self._specs = specs
+        self.trainable = trainable
+
+    def _module(self, rest: dict) -> nnx.Module:
+        params_template, rest_template = self._templates.value
+        params = jtu.tree_map(lambda x: x, params_template)
+        state = jtu.tree_map(lambda x: x, rest_template)
+        nnx.replace_by_pure_dict(params, self.variables)
+        nnx.replace_by_pure_dict(state, rest)
+        return nnx.merge(self._graphdef.value, params, state)
+
+    def _rest(self, state: eqx.nn.State) -> dict:
+        try:
+            rest = state.get(self.state_index)
+        except KeyError:
+            raise AdapterError(
+                _WRONG_STATE.format(problems="  the state holds none of them")
+            ) from None
+        problems = spec_problems(self._specs[1], TreeSpec.of(rest, "state"), "state")
+        if problems:
+            raise AdapterError(_WRONG_STATE.format(problems="\n".join(problems)))
+        return rest
+
+    def nnx_module(self, state: eqx.nn.State) -> nnx.Module:
+        """Returns a new NNX module holding this model's trainable arrays and the
+        variables in `state` (no copy), so NNX code (`nnx.state`, `nnx.split`,
+        checkpointing) takes over. The module this model was built from is never
+        touched.
+
+        **Arguments:**
+
+        - `state`: the `eqx.nn.State` of this model.
+        """
+        module = self._module(self._rest(state))
+        if self.inference:
+            module.eval()
+        return module
+
+    def __call__(
+        self,
+        *args: Any,
+        method: str | Callable[..., Any] | None = None,
+        **kwargs: Any,
+    ) -> tuple[Any, eqx.nn.State]:
+        """Calls the NNX module with this model's variables and `state`.
+
+        **Arguments:**
+
+        - `*args`: the inputs of the NNX call, then the `eqx.nn.State` last.
+        - `method`: another method of the module, by name (`"decode"`) or as an
+            unbound function (`Model.decode`); default `__call__`.
+        - `**kwargs`: keyword arguments of the NNX call.
+
+        **Returns:**
+
+        `(out, state)`, the state holding every variable the call updated (batch
+        statistics, caches, RNG counts).
+
+        **Raises:**
+
+        [`adapters.AdapterError`][] if the state is missing or of another model, if
+        a variable changes shape or dtype, or if a trainable variable is assigned.
+        """
+        if not args or not isinstance(args[-1], eqx.nn.State):
+            raise AdapterError(
+                "`NNXToEquinox.__call__` takes the state as its last positional "
+                "argument: `out, state = model(x, state)`. Use the state that "
+                "`adapters.to_equinox(nnx_module)` returned."
+            )
+        *inputs, state = args
+        rest = self._rest(state)
+        module = self._module(rest)
+        if self.inference:
+            module.eval()
+        if method is None:
+            fn = module
+        elif isinstance(method, str):
+            fn = getattr(module, method)
+        else:
+            fn = lambda *a, **k: method(module, *a, **k)  # noqa: E731
+        out = fn(*inputs, **kwargs)
+
+        # Variables the call sowed (`nnx.Intermediate`) are per call: not state.
+        _, params, _, new_rest = nnx.split(
+            module, self.trainable, nnx.Intermediate, ...
+        )
+        new_params = _pure(params)
+        changed = _same_leaves(self.variables, new_params)
+        if changed:
+            raise AdapterError(_PARAMS_CHANGED.format(paths="\n".join(changed)))
+        new_rest = _pure(new_rest)
+        problems = spec_problems(
+            self._specs[1], TreeSpec.of(new_rest, "state"), "state", "new variable"
+        )
+        if problems:
+            raise AdapterError(
+                _GROWN.format(what="variables", problems="\n".join(problems))
+            )
+        if _same_leaves(rest, new_rest):
+            state = state.set(self.state_index, new_rest)
+        return out, state
