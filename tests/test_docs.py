@@ -7,7 +7,7 @@ import pytest
 
 
 DOCS = pathlib.Path(__file__).parent.parent / "docs"
-PAGES = ["testing.md"]
+PAGES = ["testing.md", "nnx.md"]
 
 
 def python_blocks(page: str) -> list[str]:
