@@ -168,6 +168,7 @@ class NNXToEquinox(eqx.Module):
         self,
         *args: Any,
         method: str | Callable[..., Any] | None = None,
+        capture: bool = False,
         **kwargs: Any,
     ) -> tuple[Any, eqx.nn.State]:
         """Calls the NNX module with this model's variables and `state`.
@@ -177,12 +178,16 @@ class NNXToEquinox(eqx.Module):
         - `*args`: the inputs of the NNX call, then the `eqx.nn.State` last.
         - `method`: another method of the module, by name (`"decode"`) or as an
             unbound function (`Model.decode`); default `__call__`.
+        - `capture`: if `True`, the call runs under `nnx.capture` and also returns
+            the `nnx.Intermediate` values it sowed (`self.sow(nnx.Intermediate,
+            ...)`), which are never kept in the state.
         - `**kwargs`: keyword arguments of the NNX call.
 
         **Returns:**
 
         `(out, state)`, the state holding every variable the call updated (batch
-        statistics, caches, RNG counts).
+        statistics, caches, RNG counts); with `capture=True`,
+        `((out, intermediates), state)`, `intermediates` a nested dict.
 
         **Raises:**
 
@@ -200,15 +205,21 @@ class NNXToEquinox(eqx.Module):
         module = self._module(rest)
         if self.inference:
             module.eval()
-        if method is None:
-            fn = module
-        elif isinstance(method, str):
-            fn = getattr(module, method)
+
+        def run(module, *args, **kwargs):
+            if method is None:
+                return module(*args, **kwargs)
+            if isinstance(method, str):
+                return getattr(module, method)(*args, **kwargs)
+            return method(module, *args, **kwargs)
+
+        if capture:
+            out, sown = nnx.capture(run, nnx.Intermediate)(module, *inputs, **kwargs)
         else:
-            fn = lambda *a, **k: method(module, *a, **k)  # noqa: E731
-        out = fn(*inputs, **kwargs)
+            out = run(module, *inputs, **kwargs)
 
         # Variables the call sowed (`nnx.Intermediate`) are per call: not state.
+        # Values sown outside `nnx.capture` are per call too: never state.
         _, params, _, new_rest = nnx.split(
             module, self.trainable, nnx.Intermediate, ...
         )
@@ -226,4 +237,6 @@ class NNXToEquinox(eqx.Module):
             )
         if _same_leaves(rest, new_rest):
             state = state.set(self.state_index, new_rest)
+        if capture:
+            return (out, _pure(sown)), state
         return out, state
