@@ -3,6 +3,11 @@ convention."""
 
 from . import testing as testing
 from ._errors import AdapterError as AdapterError
+from ._native import (
+    from_native as from_native,
+    register_converter as register_converter,
+    to_native as to_native,
+)
 from ._nnx import NNXToEquinox as NNXToEquinox
 from ._sharding import (
     named_shardings as named_shardings,
@@ -18,11 +23,14 @@ __all__ = [
     "NNXToEquinox",
     "ToEquinox",
     "ToLinen",
+    "from_native",
     "linen_rngs",
     "named_shardings",
     "partition_specs",
+    "register_converter",
     "testing",
     "to_equinox",
     "to_linen",
+    "to_native",
 ]
 __version__ = "0.1.0"

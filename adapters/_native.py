@@ -1,0 +1,498 @@
+"""Native migration: linen layers converted to real Equinox layers with their
+weights, and back, through a public registry of converter pairs."""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import PyTree
+
+from ._errors import AdapterError, AdapterTypeError
+from ._variables import as_collections
+
+
+ToNative = Callable[[nn.Module, dict, Callable], eqx.Module]
+FromNative = Callable[[eqx.Module, eqx.nn.State | None, Callable], tuple[Any, dict]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Converter:
+    """A registered pair: how a linen layer type becomes an Equinox layer type, and
+    back."""
+
+    linen_type: type
+    equinox_type: type
+    to_native: ToNative
+    from_native: FromNative
+
+
+_BY_LINEN: dict[type, Converter] = {}
+_BY_EQUINOX: dict[type, Converter] = {}
+
+_UNREGISTERED = """\
+No converter is registered for {kind} layer type {name}. Register one for your own
+layer types:
+
+    adapters.register_converter(
+        {linen}, {equinox},
+        to_native=lambda module, variables, convert: ...,  # an Equinox layer
+        from_native=lambda layer, state, convert: ...,  # (linen module, variables)
+    )
+
+(`convert` converts a sublayer, for layers made of other layers.) Registered linen
+types: {registered}.\
+"""
+
+
+def register_converter(
+    linen_type: type,
+    equinox_type: type,
+    *,
+    to_native: ToNative,
+    from_native: FromNative,
+) -> None:
+    """Registers how a linen layer type converts to an Equinox layer type, and back.
+
+    **Arguments:**
+
+    - `linen_type`, `equinox_type`: the two layer classes (subclasses match too).
+    - `to_native`: `(module, variables, convert) -> equinox_layer`. `variables` is
+        the layer's own linen variables dict; `convert(submodule, subvariables)`
+        converts a sublayer. A stateful layer holds its initial state in an
+        `eqx.nn.StateIndex`, which [`adapters.to_native`][] collects.
+    - `from_native`: `(layer, state, convert) -> (linen_module, variables)`;
+        `convert(sublayer)` converts a sublayer back.
+
+    A later registration for the same types replaces the earlier one.
+    """
+    converter = Converter(linen_type, equinox_type, to_native, from_native)
+    _BY_LINEN[linen_type] = converter
+    _BY_EQUINOX[equinox_type] = converter
+
+
+def _find(table: dict[type, Converter], obj: Any, kind: str) -> Converter:
+    for cls in type(obj).__mro__:
+        if cls in table:
+            return table[cls]
+    linen = type(obj).__name__ if kind == "linen" else "MyLinenLayer"
+    equinox = type(obj).__name__ if kind == "Equinox" else "MyEquinoxLayer"
+    registered = ", ".join(sorted(t.__name__ for t in _BY_LINEN)) or "none"
+    raise AdapterError(
+        _UNREGISTERED.format(
+            kind=kind,
+            name=f"{type(obj).__module__}.{type(obj).__qualname__}",
+            linen=linen,
+            equinox=equinox,
+            registered=registered,
+        )
+    )
+
+
+def to_native(
+    module: nn.Module, variables: PyTree
+) -> tuple[eqx.Module, eqx.nn.State | None]:
+    """Converts a linen layer (and its variables) to a native Equinox layer holding
+    the same weights.
+
+    Dispatches on the layer type through the registry
+    ([`adapters.register_converter`][]), recursively for layers made of layers
+    (`nn.Sequential` of registered layers becomes `eqx.nn.Sequential`). The result
+    is a plain Equinox module: no linen at run time. Equinox layers are per example
+    (and channels-first for convolutions): see the migration guide for each pair's
+    input layout.
+
+    !!! Example
+
+        ```python
+        linear, state = adapters.to_native(nn.Dense(4), variables)
+        y = jax.vmap(linear)(x)          # == nn.Dense(4).apply(variables, x)
+        ```
+
+    **Returns:**
+
+    `(layer, state)`: `state` is an `eqx.nn.State` for stateful layers, else `None`.
+
+    **Raises:**
+
+    [`adapters.AdapterError`][] for an unregistered layer type (with how to
+    register one), or a layer option that has no Equinox equivalent.
+    """
+    if not isinstance(module, nn.Module):
+        raise AdapterTypeError(
+            f"`adapters.to_native` converts linen layers; got {type(module).__name__}."
+        )
+    layer = _to_native(module, as_collections(variables, "`variables`"))
+    stateful = any(
+        isinstance(x, eqx.nn.StateIndex)
+        for x in jax.tree.leaves(
+            layer, is_leaf=lambda x: isinstance(x, eqx.nn.StateIndex)
+        )
+    )
+    if not stateful:
+        return layer, None
+    return eqx.nn.delete_init_state(layer), eqx.nn.State(layer)
+
+
+def _to_native(module: nn.Module, variables: dict) -> eqx.Module:
+    return _find(_BY_LINEN, module, "linen").to_native(module, variables, _to_native)
+
+
+def from_native(
+    layer: eqx.Module, state: eqx.nn.State | None = None
+) -> tuple[nn.Module, dict]:
+    """Converts a native Equinox layer (and its state) to a linen layer and its
+    variables: the inverse of [`adapters.to_native`][], bit-exact.
+
+    **Returns:**
+
+    `(module, variables)`: an unbound linen module and its variables dict.
+
+    **Raises:**
+
+    [`adapters.AdapterError`][] for an unregistered layer type, or an option with
+    no linen equivalent.
+    """
+
+    def convert(sublayer):
+        return _find(_BY_EQUINOX, sublayer, "Equinox").from_native(
+            sublayer, state, convert
+        )
+
+    return convert(layer)
+
+
+def unsupported(layer: str, option: str, value: Any, why: str) -> AdapterError:
+    return AdapterError(
+        f"{layer} with `{option}={value!r}` has no native equivalent: {why}."
+    )
+
+
+def skeleton(cls: type, *args: Any, **kwargs: Any) -> eqx.Module:
+    """An Equinox layer's structure without computing its initialisation."""
+    return eqx.filter_eval_shape(cls, *args, key=jax.random.key(0), **kwargs)
+
+
+def params_of(variables: dict, layer: str) -> dict:
+    extra = set(variables) - {"params"}
+    if extra:
+        raise AdapterError(
+            f"{layer} has variables in {sorted(extra)}, which its converter does not "
+            "know: only `params` was expected."
+        )
+    return variables.get("params", {})
+
+
+# --- the standard pairs ---------------------------------------------------------
+
+
+def _dense_to_native(module: nn.Dense, variables: dict, convert) -> eqx.nn.Linear:
+    if module.precision is not None:
+        raise unsupported(
+            "nn.Dense",
+            "precision",
+            module.precision,
+            "eqx.nn.Linear has no precision option",
+        )
+    if module.dot_general is not None or module.dot_general_cls is not None:
+        raise unsupported(
+            "nn.Dense",
+            "dot_general",
+            module.dot_general,
+            "eqx.nn.Linear always uses a plain matmul",
+        )
+    params = params_of(variables, "nn.Dense")
+    kernel = params["kernel"]
+    layer = skeleton(
+        eqx.nn.Linear,
+        kernel.shape[0],
+        kernel.shape[1],
+        use_bias=module.use_bias,
+        dtype=kernel.dtype,
+    )
+    new = (kernel.T, params["bias"]) if module.use_bias else (kernel.T,)
+    where = (
+        (lambda m: (m.weight, m.bias)) if module.use_bias else (lambda m: (m.weight,))
+    )
+    return eqx.tree_at(where, layer, new)
+
+
+def _linear_from_native(layer: eqx.nn.Linear, state, convert):
+    if layer.in_features == "scalar" or layer.out_features == "scalar":
+        raise unsupported(
+            "eqx.nn.Linear",
+            "in/out_features",
+            "scalar",
+            "nn.Dense maps a feature axis to a feature axis",
+        )
+    params = {"kernel": layer.weight.T}
+    if layer.use_bias:
+        params["bias"] = layer.bias
+    return nn.Dense(layer.out_features, use_bias=layer.use_bias), {"params": params}
+
+
+def _embed_to_native(module: nn.Embed, variables: dict, convert) -> eqx.nn.Embedding:
+    table = params_of(variables, "nn.Embed")["embedding"]
+    return eqx.nn.Embedding(weight=table)
+
+
+def _embedding_from_native(layer: eqx.nn.Embedding, state, convert):
+    num, features = layer.weight.shape
+    return nn.Embed(num, features), {"params": {"embedding": layer.weight}}
+
+
+def _check_last_axis(module: nn.Module, name: str, *options: str) -> None:
+    for option in options:
+        value = getattr(module, option)
+        if value not in (-1, (-1,)):
+            raise unsupported(
+                name,
+                option,
+                value,
+                "the Equinox layer normalises "
+                "over the whole per-example input; convert only "
+                "last-axis normalisation, reshaping the input",
+            )
+    if getattr(module, "axis_name", None) is not None:
+        raise unsupported(
+            name,
+            "axis_name",
+            module.axis_name,
+            "the Equinox layer takes no cross-device statistics",
+        )
+
+
+def _layernorm_to_native(module: nn.LayerNorm, variables: dict, convert):
+    _check_last_axis(module, "nn.LayerNorm", "reduction_axes", "feature_axes")
+    params = params_of(variables, "nn.LayerNorm")
+    scale, bias = params.get("scale"), params.get("bias")
+    size = scale if scale is not None else bias
+    if size is None:
+        raise AdapterError(
+            "nn.LayerNorm with neither scale nor bias carries no feature size; give "
+            "it `use_scale=True` or build `eqx.nn.LayerNorm(shape, use_weight=False, "
+            "use_bias=False)` yourself."
+        )
+    layer = eqx.nn.LayerNorm(
+        size.shape,
+        eps=module.epsilon,
+        use_weight=module.use_scale,
+        use_bias=module.use_bias,
+        dtype=size.dtype,
+    )
+    if module.use_scale:
+        layer = eqx.tree_at(lambda m: m.weight, layer, scale)
+    if module.use_bias:
+        layer = eqx.tree_at(lambda m: m.bias, layer, bias)
+    return layer
+
+
+def _layernorm_from_native(layer: eqx.nn.LayerNorm, state, convert):
+    if len(layer.shape) != 1:
+        raise unsupported(
+            "eqx.nn.LayerNorm",
+            "shape",
+            layer.shape,
+            "nn.LayerNorm with the default axes normalises the last axis only",
+        )
+    params = {}
+    if layer.use_weight:
+        params["scale"] = layer.weight
+    if layer.use_bias:
+        params["bias"] = layer.bias
+    module = nn.LayerNorm(
+        epsilon=layer.eps, use_scale=layer.use_weight, use_bias=layer.use_bias
+    )
+    return module, {"params": params} if params else {}
+
+
+def _rmsnorm_to_native(module: nn.RMSNorm, variables: dict, convert):
+    _check_last_axis(module, "nn.RMSNorm", "reduction_axes", "feature_axes")
+    scale = params_of(variables, "nn.RMSNorm").get("scale")
+    if scale is None:
+        raise AdapterError(
+            "nn.RMSNorm(use_scale=False) carries no feature size; build "
+            "`eqx.nn.RMSNorm(shape, use_weight=False)` yourself."
+        )
+    layer = eqx.nn.RMSNorm(
+        scale.shape,
+        eps=module.epsilon,
+        use_weight=True,
+        use_bias=False,
+        dtype=scale.dtype,
+    )
+    return eqx.tree_at(lambda m: m.weight, layer, scale)
+
+
+def _rmsnorm_from_native(layer: eqx.nn.RMSNorm, state, convert):
+    if layer.use_bias or not layer.use_weight or len(layer.shape) != 1:
+        raise unsupported(
+            "eqx.nn.RMSNorm",
+            "use_bias/use_weight/shape",
+            (layer.use_bias, layer.use_weight, layer.shape),
+            "nn.RMSNorm has a last-axis scale and no bias",
+        )
+    return nn.RMSNorm(epsilon=layer.eps), {"params": {"scale": layer.weight}}
+
+
+def _dropout_to_native(module: nn.Dropout, variables: dict, convert):
+    if module.broadcast_dims:
+        raise unsupported(
+            "nn.Dropout",
+            "broadcast_dims",
+            module.broadcast_dims,
+            "eqx.nn.Dropout drops every element independently",
+        )
+    return eqx.nn.Dropout(module.rate, inference=bool(module.deterministic))
+
+
+def _dropout_from_native(layer: eqx.nn.Dropout, state, convert):
+    return nn.Dropout(layer.p, deterministic=bool(layer.inference)), {}
+
+
+def _padding(padding: Any, kernel_size: tuple[int, ...], name: str) -> Any:
+    if isinstance(padding, str):
+        if padding.upper() in ("SAME", "VALID"):
+            return padding.upper()
+        raise unsupported(
+            name,
+            "padding",
+            padding,
+            "only SAME, VALID and explicit padding have an eqx.nn.Conv equivalent",
+        )
+    if isinstance(padding, int):
+        return tuple((padding, padding) for _ in kernel_size)
+    return tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
+
+
+def _conv_to_native(module: nn.Conv, variables: dict, convert) -> eqx.nn.Conv:
+    name = "nn.Conv"
+    for option in ("mask", "precision", "conv_general_dilated"):
+        if getattr(module, option) is not None:
+            raise unsupported(
+                name, option, getattr(module, option), "eqx.nn.Conv has no such option"
+            )
+    params = params_of(variables, name)
+    kernel = params["kernel"]  # (*spatial, in / groups, out)
+    spatial = kernel.ndim - 2
+    tup = lambda v: (v,) * spatial if isinstance(v, int) else tuple(v)  # noqa: E731
+    if any(d != 1 for d in tup(module.input_dilation or 1)):
+        raise unsupported(
+            name,
+            "input_dilation",
+            module.input_dilation,
+            "eqx.nn.Conv dilates the kernel only",
+        )
+    groups = module.feature_group_count
+    layer = skeleton(
+        eqx.nn.Conv,
+        spatial,
+        kernel.shape[-2] * groups,
+        kernel.shape[-1],
+        kernel.shape[:-2],
+        stride=tup(module.strides or 1),
+        padding=_padding(module.padding, kernel.shape[:-2], name),
+        dilation=tup(module.kernel_dilation or 1),
+        groups=groups,
+        use_bias=module.use_bias,
+        dtype=kernel.dtype,
+    )
+    weight = jnp.moveaxis(kernel, (-1, -2), (0, 1))  # (out, in / groups, *spatial)
+    if module.use_bias:
+        bias = params["bias"].reshape((-1,) + (1,) * spatial)
+        return eqx.tree_at(lambda m: (m.weight, m.bias), layer, (weight, bias))
+    return eqx.tree_at(lambda m: m.weight, layer, weight)
+
+
+def _conv_from_native(layer: eqx.nn.Conv, state, convert):
+    if layer.padding_mode != "ZEROS":
+        raise unsupported(
+            "eqx.nn.Conv",
+            "padding_mode",
+            layer.padding_mode,
+            "nn.Conv pads with zeros (or CIRCULAR, not converted)",
+        )
+    kernel = jnp.moveaxis(layer.weight, (0, 1), (-1, -2))
+    params = {"kernel": kernel}
+    if layer.use_bias:
+        params["bias"] = layer.bias.reshape(-1)
+    module = nn.Conv(
+        layer.out_channels,
+        tuple(layer.kernel_size),
+        strides=tuple(layer.stride),
+        padding=layer.padding
+        if isinstance(layer.padding, str)
+        else tuple(tuple(p) for p in layer.padding),
+        kernel_dilation=tuple(layer.dilation),
+        feature_group_count=layer.groups,
+        use_bias=layer.use_bias,
+    )
+    return module, {"params": params}
+
+
+def _sequential_to_native(module: nn.Sequential, variables: dict, convert):
+    layers = []
+    for i, sub in enumerate(module.layers):
+        if isinstance(sub, nn.Module):
+            name = sub.name or f"layers_{i}"
+            sub_vars = {c: v[name] for c, v in variables.items() if name in v}
+            layers.append(convert(sub.clone(parent=None, name=None), sub_vars))
+        elif callable(sub):
+            layers.append(eqx.nn.Lambda(sub))
+        else:
+            raise AdapterTypeError(f"nn.Sequential layer {i} is not callable: {sub!r}")
+    return eqx.nn.Sequential(layers)
+
+
+def _sequential_from_native(layer: eqx.nn.Sequential, state, convert):
+    modules, variables = [], {}
+    for i, sub in enumerate(layer.layers):
+        if isinstance(sub, eqx.nn.Lambda):
+            modules.append(sub.fn)
+            continue
+        module, sub_vars = convert(sub)
+        modules.append(module)
+        for collection, tree in sub_vars.items():
+            variables.setdefault(collection, {})[f"layers_{i}"] = tree
+    return nn.Sequential(modules), variables
+
+
+register_converter(
+    nn.Dense, eqx.nn.Linear, to_native=_dense_to_native, from_native=_linear_from_native
+)
+register_converter(
+    nn.Embed,
+    eqx.nn.Embedding,
+    to_native=_embed_to_native,
+    from_native=_embedding_from_native,
+)
+register_converter(
+    nn.LayerNorm,
+    eqx.nn.LayerNorm,
+    to_native=_layernorm_to_native,
+    from_native=_layernorm_from_native,
+)
+register_converter(
+    nn.RMSNorm,
+    eqx.nn.RMSNorm,
+    to_native=_rmsnorm_to_native,
+    from_native=_rmsnorm_from_native,
+)
+register_converter(
+    nn.Dropout,
+    eqx.nn.Dropout,
+    to_native=_dropout_to_native,
+    from_native=_dropout_from_native,
+)
+register_converter(
+    nn.Conv, eqx.nn.Conv, to_native=_conv_to_native, from_native=_conv_from_native
+)
+register_converter(
+    nn.Sequential,
+    eqx.nn.Sequential,
+    to_native=_sequential_to_native,
+    from_native=_sequential_from_native,
+)

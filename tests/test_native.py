@@ -1,0 +1,158 @@
+"""Native migration: converted layers compute what the linen layers compute, and
+convert back bit-exactly."""
+
+import chex
+import equinox as eqx
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import pytest
+
+import adapters
+
+
+def _rows(layer, x):
+    """Equinox layers are per example: map over the batch axis."""
+    return jax.vmap(layer)(x)
+
+
+def _channels_last(layer, x):
+    """linen convolutions are NHWC; Equinox's are per-example channels-first."""
+    return jnp.moveaxis(jax.vmap(layer)(jnp.moveaxis(x, -1, 1)), 1, -1)
+
+
+X = jr.normal(jr.key(1), (4, 3))
+X2D = jr.normal(jr.key(2), (2, 9, 9, 4))
+X1D = jr.normal(jr.key(3), (2, 9, 4))
+
+CASES = {
+    "dense": (nn.Dense(5), X, _rows, eqx.nn.Linear),
+    "dense_no_bias": (nn.Dense(5, use_bias=False), X, _rows, eqx.nn.Linear),
+    "layernorm": (nn.LayerNorm(), X, _rows, eqx.nn.LayerNorm),
+    "layernorm_eps_no_bias": (
+        nn.LayerNorm(epsilon=1e-3, use_bias=False),
+        X,
+        _rows,
+        eqx.nn.LayerNorm,
+    ),
+    "rmsnorm": (nn.RMSNorm(), X, _rows, eqx.nn.RMSNorm),
+    "embed": (nn.Embed(10, 3), jnp.array([1, 2, 9, 0]), _rows, eqx.nn.Embedding),
+    "conv2d": (nn.Conv(6, (3, 3)), X2D, _channels_last, eqx.nn.Conv),
+    "conv2d_strided_valid": (
+        nn.Conv(6, (3, 3), strides=2, padding="VALID", use_bias=False),
+        X2D,
+        _channels_last,
+        eqx.nn.Conv,
+    ),
+    "conv2d_groups_dilation_pads": (
+        nn.Conv(
+            8,
+            (3, 2),
+            kernel_dilation=(2, 1),
+            feature_group_count=2,
+            padding=((1, 2), (0, 1)),
+        ),
+        X2D,
+        _channels_last,
+        eqx.nn.Conv,
+    ),
+    "conv1d": (nn.Conv(6, (3,), padding=1), X1D, _channels_last, eqx.nn.Conv),
+    "sequential": (
+        nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(2)]),
+        X,
+        _rows,
+        eqx.nn.Sequential,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_converted_layer_matches_linen(case, getkey):
+    module, x, call, native_type = CASES[case]
+    variables = module.init(getkey(), x)
+    layer, state = adapters.to_native(module, variables)
+    assert type(layer) is native_type and state is None
+    chex.assert_trees_all_close(call(layer, x), module.apply(variables, x), atol=1e-5)
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        # Gradients w.r.t. the input agree too.
+        native_grad = jax.grad(lambda x: jnp.sum(module.apply(variables, x) ** 2))(x)
+        grad = jax.grad(lambda x: jnp.sum(call(layer, x) ** 2))(x)
+        chex.assert_trees_all_close(grad, native_grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_round_trip_is_bit_exact(case, getkey):
+    module, x, _, _ = CASES[case]
+    variables = module.init(getkey(), x)
+    back_module, back = adapters.from_native(*adapters.to_native(module, variables))
+    chex.assert_trees_all_equal(back, variables)
+    assert jax.tree.structure(back) == jax.tree.structure(variables)
+    # The module that comes back computes what the original computes.
+    chex.assert_trees_all_equal(back_module.apply(back, x), module.apply(variables, x))
+
+
+def test_parameter_gradients_through_the_conversion(getkey):
+    """Gradients w.r.t. the converted weights are linen's, in Equinox's layout."""
+    module = nn.Dense(5)
+    variables = module.init(getkey(), X)
+    layer, _ = adapters.to_native(module, variables)
+    native = jax.grad(lambda v: jnp.sum(module.apply(v, X) ** 2))(variables)
+    grads = eqx.filter_grad(lambda m: jnp.sum(jax.vmap(m)(X) ** 2))(layer)
+    chex.assert_trees_all_close(grads.weight, native["params"]["kernel"].T, rtol=1e-5)
+    chex.assert_trees_all_close(grads.bias, native["params"]["bias"], rtol=1e-5)
+
+
+def test_dropout_pair(getkey):
+    layer, _ = adapters.to_native(nn.Dropout(0.3, deterministic=True), {})
+    assert isinstance(layer, eqx.nn.Dropout) and layer.p == 0.3 and layer.inference
+    module, variables = adapters.from_native(layer)
+    assert module.rate == 0.3 and module.deterministic and variables == {}
+    chex.assert_trees_all_equal(layer(X), module.apply({}, X))
+
+
+def test_unregistered_layer_type(getkey):
+    variables = nn.BatchNorm(use_running_average=True).init(getkey(), X)
+    with pytest.raises(
+        adapters.AdapterError, match="(?s)BatchNorm.*adapters.register_converter"
+    ):
+        adapters.to_native(nn.BatchNorm(use_running_average=True), variables)
+
+
+def test_option_without_equivalent(getkey):
+    module = nn.Dropout(0.5, broadcast_dims=(0,))
+    with pytest.raises(adapters.AdapterError, match="broadcast_dims"):
+        adapters.to_native(module, {})
+    conv = nn.Conv(3, (3, 3), input_dilation=2, padding=1)
+    with pytest.raises(adapters.AdapterError, match="input_dilation"):
+        adapters.to_native(conv, conv.init(getkey(), X2D))
+
+
+def test_register_a_users_own_pair(getkey):
+    class Scale(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return x * self.param("s", nn.initializers.ones, x.shape[-1:])
+
+    class EqxScale(eqx.Module):
+        s: jax.Array
+
+        def __call__(self, x, *, key=None):
+            return x * self.s
+
+    adapters.register_converter(
+        Scale,
+        EqxScale,
+        to_native=lambda module, variables, convert: EqxScale(variables["params"]["s"]),
+        from_native=lambda layer, state, convert: (
+            Scale(),
+            {"params": {"s": layer.s}},
+        ),
+    )
+    module = nn.Sequential([Scale(), nn.Dense(2)])  # registered pieces convert whole
+    variables = module.init(getkey(), X)
+    layer, _ = adapters.to_native(module, variables)
+    assert isinstance(layer.layers[0], EqxScale)
+    chex.assert_trees_all_close(jax.vmap(layer)(X), module.apply(variables, X))
+    _, back = adapters.from_native(layer)
+    chex.assert_trees_all_equal(back, variables)
