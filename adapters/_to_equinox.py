@@ -1,8 +1,9 @@
 """A linen module inside Equinox: `ToEquinox` and `to_equinox`."""
 
+import contextlib
 import inspect
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import equinox as eqx
@@ -88,11 +89,19 @@ which this wrapper does not hold as state ({detail}).
 State collections: {state}; trainable collections: {trainable}. Trainable collections
 are read-only during a call, as `params` are in linen. If the module creates the
 collection only during apply, ask for it with
-`(out, captured), state = model(x, state, capture=({collection!r},))`; if it must
-persist between calls, make sure linen's init creates it (initialise with example
-arguments that take that code path) so that it lives in the state.\
+`(out, captured), state = model(x, state, capture=({collection!r},))`. If it must
+persist between calls (like `batch_stats`), it belongs in the state: wrap variables
+that hold it (all of linen's init output, not only `params`), or initialise with
+example arguments that take the code path creating it.\
 """
 
+
+_SOWN_STATE = """\
+{name} writes to {collections} with `self.sow` during init, so linen's init stores
+them, and as state they would grow (or, with a `reduce_fn`, accumulate) on every
+call. Declare them per call, `adapters.to_equinox(..., per_call={per_call!r})`, and
+ask for their values at call time with `capture=`.\
+"""
 
 _TRACED_INFERENCE = """\
 The `inference` field of this `ToEquinox` is a traced array, so it cannot choose
@@ -104,20 +113,46 @@ is passed through `jax.jit` (or another transformation) as an argument. Use
 """
 
 
-def _accepts(module: nn.Module, method: Any, name: str) -> bool:
+def _accepts(module: nn.Module, method: Any, name: str, args: tuple = ()) -> bool:
     """Whether the linen method (linen's `method=`: `None`, a name or a function)
-    takes keyword `name`. Unknown signatures are given the keyword."""
+    takes keyword `name`, not already given among the positional `args`. Unknown
+    signatures are given the keyword."""
     if method is None:
         method = type(module).__call__
     elif isinstance(method, str):
         method = getattr(type(module), method, None)
     try:
-        parameters = inspect.signature(method).parameters.values()  # pyright: ignore
+        signature = inspect.signature(method)  # pyright: ignore
     except (TypeError, ValueError):
         return True
+    try:
+        if name in signature.bind_partial(module, *args).arguments:
+            return False  # passed positionally: an explicit value wins
+    except TypeError:
+        pass
     return any(
-        p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters
+        p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD
+        for p in signature.parameters.values()
     )
+
+
+@contextlib.contextmanager
+def _recording_sow() -> Iterator[set[str]]:
+    """Records the collections that `Module.sow` writes to while linen's init runs:
+    sown values would otherwise land in the state and grow, or accumulate, on every
+    call."""
+    sown: set[str] = set()
+    original = nn.Module.sow
+
+    def sow(self, col, *args, **kwargs):
+        sown.add(col)
+        return original(self, col, *args, **kwargs)
+
+    nn.Module.sow = sow  # pyright: ignore
+    try:
+        yield sown
+    finally:
+        nn.Module.sow = original  # pyright: ignore
 
 
 def _mode_kwargs(
@@ -293,18 +328,30 @@ class ToEquinox(eqx.Module):
             True,
             self.train_kwarg,
             self.deterministic_kwarg,
-            lambda name: _accepts(module, init_method, name),
+            lambda name: _accepts(module, init_method, name, args),
         )
 
+        init_streams = tuple(dict.fromkeys(("params", *self.rng_streams)))
+
         def init(k):
-            rngs = linen_rngs(k, ("params", *self.rng_streams))
-            return module.init(
-                rngs,
-                *args,
-                method=init_method,
-                mutable=nn.DenyList(per_call),
-                **init_kwargs,
-            )
+            with _recording_sow() as sown:
+                variables = module.init(
+                    linen_rngs(k, init_streams),
+                    *args,
+                    method=init_method,
+                    mutable=nn.DenyList(per_call),
+                    **init_kwargs,
+                )
+            kept = sorted(c for c in sown if c in variables and c not in trainable)
+            if kept:
+                raise AdapterError(
+                    _SOWN_STATE.format(
+                        name=type(module).__name__,
+                        collections=kept,
+                        per_call=tuple(dict.fromkeys((*per_call, *kept))),
+                    )
+                )
+            return variables
 
         name = type(module).__name__
         if variables is None:
@@ -325,10 +372,19 @@ class ToEquinox(eqx.Module):
                     as_collections(expected, f"{name}.init"), variables, "`variables`"
                 )
                 if problems:
+                    hint = ""
+                    params = expected.get("params", {})
+                    if variables and set(variables) <= set(params):
+                        hint = (
+                            "\nThese look like the `params` collection alone: pass "
+                            "`variables={'params': params, ...}` with every "
+                            "collection."
+                        )
                     raise AdapterError(
                         f"The variables do not fit {name}: linen's init with the "
                         "given example arguments creates something else.\n"
                         + "\n".join(problems)
+                        + hint
                         + "\nPass the variables this module was trained with, or "
                         "the example arguments it was initialised with (or no "
                         "example arguments, to skip this check)."
@@ -362,7 +418,10 @@ class ToEquinox(eqx.Module):
 
         A dict `{collection: nested dict}`.
         """
-        return {**self.variables, **self._state_collections(state)}
+        # Fresh dicts holding the same arrays: editing them must not edit the model.
+        return as_collections(
+            {**self.variables, **self._state_collections(state)}, "variables"
+        )
 
     def with_linen_variables(
         self, variables: PyTree
@@ -481,6 +540,23 @@ class ToEquinox(eqx.Module):
         for i, arg in enumerate(args[:-1]):
             if isinstance(arg, eqx.nn.State):
                 raise AdapterError(_STATE_NOT_LAST.format(index=i))
+            if isinstance(arg, jax.Array) and jax.dtypes.issubdtype(
+                arg.dtype, jax.dtypes.prng_key
+            ):
+                raise AdapterError(
+                    f"`ToEquinox.__call__` got a PRNG key as positional argument {i}. "
+                    "The key is keyword-only, as in Equinox: "
+                    "`model(x, state, key=key)`."
+                )
+        for habit in ("mutable", "rngs"):
+            if habit in kwargs:
+                raise AdapterError(
+                    f"`ToEquinox.__call__` got `{habit}=`, an argument of linen's "
+                    "`apply`. The wrapper passes every state collection as mutable "
+                    "and returns the updated state; randomness comes from one "
+                    "`key=`, split into the declared `rng_streams` by "
+                    "`adapters.linen_rngs`."
+                )
         if not args or not isinstance(args[-1], eqx.nn.State):
             got = "missing" if not args else f"of type {type(args[-1]).__name__}"
             raise AdapterError(_NO_STATE.format(got=got))
@@ -505,7 +581,7 @@ class ToEquinox(eqx.Module):
             self.inference,
             self.train_kwarg,
             self.deterministic_kwarg,
-            lambda name: _accepts(self.linen_module, method, name),
+            lambda name: _accepts(self.linen_module, method, name, tuple(inputs)),
         )
         rngs = None if key is None else linen_rngs(key, self.rng_streams)
         mutable = [*held, *capture] or False

@@ -257,7 +257,17 @@ class ToLinen(nn.Module):
 
         # The call consumes `state` (Equinox's guard against reuse): keep its leaves.
         old_leaves = jtu.tree_leaves(state)
-        out, new_state = self._call_model(model, state, args, kwargs)
+        try:
+            out, new_state = self._call_model(model, state, args, kwargs)
+        except (RuntimeError, TypeError) as err:
+            if "key" not in str(err) or "key" in kwargs:
+                raise
+            raise AdapterError(
+                f"The Equinox model needs a `key` ({err}). `ToLinen` passes it from "
+                f"linen's {self.rng_stream!r} rng stream: call `apply(..., "
+                f"rngs={{{self.rng_stream!r}: key}})`, or run without randomness "
+                "with `inference=True`."
+            ) from err
         if state is None or initializing:
             return out
         new_leaves = jtu.tree_leaves(new_state)

@@ -20,6 +20,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import PRNGKeyArray, PyTree
 
+from ._errors import AdapterError
 from ._to_equinox import ToEquinox
 from ._variables import is_state_index, normalise_names, path_str
 
@@ -114,11 +115,13 @@ def _describe(x: Any) -> str:
 class _Checker:
     def __init__(self, rtol: float, atol: float):
         self.rtol, self.atol = rtol, atol
+        self.note = ""
 
     def fail(self, check: str, where: str, detail: str) -> None:
         verb = "differ" if check == "parameters" else "differs"
         raise AssertionError(
             f"{PREFIX}assert_equivalent failed: {check} {verb} ({where}) {detail}"
+            + self.note
         )
 
     def trees(
@@ -323,8 +326,24 @@ def assert_equivalent(
         for k in range(steps):
             where = f"{mode} mode, step {k}"
             step_key = None if key is None else jax.random.fold_in(key, k)
-            ref_out, ref_grads = ref.step(ref_step, step_key, where, "linen")
+            try:
+                ref_out, ref_grads = ref.step(ref_step, step_key, where, "linen")
+            except AdapterError as err:
+                if key is None and "had no `key`" in str(err):
+                    raise TypeError(
+                        f"{PREFIX}the linen module uses randomness in {mode} mode: "
+                        "pass `key=` to `assert_equivalent`."
+                    ) from err
+                raise
             out, grads = cand.step(eqx_step, step_key, where, "Equinox")
+            if mode == "train" and key is not None:
+                checker.note = (
+                    " (In train mode both sides draw random numbers: if the Equinox "
+                    "model draws its own, e.g. its own dropout masks, it cannot match "
+                    "linen's; compare with `modes=('inference',)`.)"
+                )
+            else:
+                checker.note = ""
             checker.trees("output", where, ref_out, out)
 
             ref_vars = ref.model.linen_variables(ref.state)

@@ -425,8 +425,55 @@ def test_write_to_trainable_collection(getkey):
     )
 
 
+def test_sown_collection_at_init(getkey):
+    """linen's init stores what `sow` writes (except `intermediates`): as state it
+    would grow every call, so the wrapper refuses it at construction."""
+    with pytest.raises(
+        adapters.AdapterError,
+        match=_msg(
+            "Sows writes to ['losses'] with `self.sow` during init",
+            "per_call=('intermediates', 'losses')",
+            "capture=",
+        ),
+    ):
+        adapters.to_equinox(Sows(), X, key=getkey())
+
+
+def test_sown_collection_with_reduce_fn_at_init(getkey):
+    """With a `reduce_fn` the sown value keeps its shape and would silently
+    accumulate in the state: refused at construction too."""
+
+    class Aux(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            y = nn.Dense(2)(x)
+            self.sow(
+                "losses",
+                "aux",
+                jnp.sum(y**2),
+                reduce_fn=lambda a, b: a + b,
+                init_fn=lambda: jnp.zeros(()),
+            )
+            return y
+
+    with pytest.raises(adapters.AdapterError, match="per_call="):
+        adapters.to_equinox(Aux(), X, key=getkey())
+    key = getkey()
+    model, state = adapters.to_equinox(
+        Aux(), X, key=key, per_call=("intermediates", "losses")
+    )
+    (out, captured), state = model(X, state, capture="losses")
+    native_out, native = Aux().apply(
+        model.linen_variables(state), X, mutable=["losses"]
+    )
+    chex.assert_trees_all_equal((out, captured), (native_out, native))
+
+
 def test_state_collection_grows_during_call(getkey):
-    model, state = adapters.to_equinox(Sows(), X, key=getkey())
+    # Variables from linen's own init, wrapped without example arguments: the sown
+    # collection is state, and the first call finds it growing.
+    variables = Sows().init(getkey(), X)
+    model, state = adapters.to_equinox(Sows(), variables=variables)
     assert set(model.state_indices) == {"losses"}  # init stored the sown value
     with pytest.raises(
         adapters.AdapterError,
@@ -617,3 +664,20 @@ def test_old_state_is_rejected_by_equinox(getkey):
     # Equinox's documented escape hatch works, and the new state is fine.
     model(X, clone)
     model(X, new_state)
+
+
+def test_linen_habits_at_call_time(getkey):
+    model, state = adapters.to_equinox(Net(), X, key=getkey(), train_kwarg="train")
+    for habit in ("mutable", "rngs"):
+        with pytest.raises(adapters.AdapterError, match=f"got `{habit}=`"):
+            model(X, state, **{habit: ["batch_stats"]})
+    with pytest.raises(adapters.AdapterError, match="keyword-only"):
+        model(X, jax.random.key(0), state)
+
+
+def test_params_only_variables_hint(getkey):
+    params = Net().init(getkey(), X, train=False)["params"]
+    with pytest.raises(
+        adapters.AdapterError, match=re.escape("variables={'params': params, ...}")
+    ):
+        adapters.to_equinox(Net(), X, variables=params, train_kwarg="train")

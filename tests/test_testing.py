@@ -808,3 +808,17 @@ def test_nan_on_one_side_is_reported(getkey):
             jit=False,
         )
     assert "nan" in str(info.value).lower()
+
+
+def test_missing_key_is_explained(getkey):
+    class Drop(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool):
+            return nn.Dropout(0.5, deterministic=not train)(nn.Dense(2)(x))
+
+    x = jnp.ones((4, 3))
+    model, state = adapters.to_equinox(Drop(), x, key=getkey(), train_kwarg="train")
+    with pytest.raises(TypeError, match="pass `key=` to `assert_equivalent`"):
+        assert_equivalent(
+            Drop(), model.linen_variables(state), model, state, x, train_kwarg="train"
+        )

@@ -538,3 +538,47 @@ def test_mode_keyword_the_module_does_not_take(getkey):
         adapters.to_equinox(
             nn.Dense(2), _x(getkey()), key=getkey(), train_kwarg="trian"
         )
+
+
+def test_linen_variables_are_fresh_dicts(getkey):
+    """Editing the returned dict (say, swapping a head) never edits the model or
+    the state; the arrays themselves are shared."""
+    x = _x(getkey())
+    model, state = adapters.to_equinox(Block(), x, key=getkey(), train_kwarg="train")
+    variables = model.linen_variables(state)
+    before = model.linen_variables(state)
+    variables["params"]["Dense_1"] = {"kernel": jnp.zeros((5, 2)), "bias": 1}
+    variables["batch_stats"]["BatchNorm_0"]["mean"] = jnp.full(5, 99.0)
+    chex.assert_trees_all_equal(model.linen_variables(state), before)
+    assert (
+        model.variables["params"]["Dense_0"]["kernel"]
+        is before["params"]["Dense_0"]["kernel"]
+    )
+
+
+def test_params_stream_can_be_declared(getkey):
+    """A module that draws from `params` at apply needs the stream declared."""
+
+    class Noisy(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return x + jr.normal(self.make_rng("params"), x.shape)
+
+    x = jnp.zeros(3)
+    model, state = adapters.to_equinox(
+        Noisy(), x, key=getkey(), rng_streams=("params",)
+    )
+    key = getkey()
+    out, _ = model(x, state, key=key)
+    native = Noisy().apply({}, x, rngs=adapters.linen_rngs(key, ("params",)))
+    chex.assert_trees_all_equal(out, native)
+
+
+def test_mode_keyword_given_positionally_wins(getkey):
+    x = _x(getkey())
+    model, state = adapters.to_equinox(
+        Block(), x, False, key=getkey(), train_kwarg="train"
+    )
+    variables = model.linen_variables(state)
+    out, _ = model(x, False, state)  # inference, positionally, despite training mode
+    chex.assert_trees_all_equal(out, Block().apply(variables, x, False))

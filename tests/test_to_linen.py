@@ -329,3 +329,9 @@ def test_factory_of_a_model_holding_its_initial_state(getkey):
     chex.assert_trees_all_close(
         jax.tree.leaves(new_state), jax.tree.leaves(native_state)
     )
+
+
+def test_missing_rng_stream_hint(getkey):
+    module, variables = adapters.to_linen(eqx.nn.Dropout(0.5))
+    with pytest.raises(adapters.AdapterError, match=r"rngs=\{'dropout': key\}"):
+        module.apply(variables, jnp.ones(4))
