@@ -49,5 +49,7 @@ def test_sharded_training():
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "P(None, 'model')" in out and "P('data',)" in out
-    diff = float(re.search(r"one device\| over the parameters: ([0-9.e+-]+)", out).group(1))
+    diff = float(
+        re.search(r"one device\| over the parameters: ([0-9.e+-]+)", out).group(1)
+    )
     assert diff < 1e-5
