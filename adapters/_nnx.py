@@ -11,14 +11,14 @@ from jaxtyping import PyTree
 
 from ._errors import AdapterError, AdapterTypeError
 from ._static import Static
-from ._variables import as_jax_arrays, spec_problems, TreeSpec
+from ._variables import as_jax_arrays, spec_problems, strong, TreeSpec
 
 
 _NOT_SPLITTABLE = """\
 `adapters.to_equinox` could not split the NNX module {name} into its variables
-({err}). NNX modules must keep their arrays in `nnx.Variable`s (`nnx.Param`,
-`nnx.BatchStat`, ...) and be splittable with `nnx.split(module)`; fix the module, or
-wrap its arrays in variables.\
+with the `trainable` filter ({err}). `trainable` must be an NNX filter (a Variable
+type such as `nnx.Param`, or a tuple of them), and NNX modules must keep their arrays
+in `nnx.Variable`s and be splittable with `nnx.split(module)`.\
 """
 
 _WRONG_STATE = """\
@@ -111,6 +111,11 @@ class NNXToEquinox(eqx.Module):
                 f"{type(module).__qualname__}."
             )
         try:
+            if jtu.tree_leaves(nnx.state(module, nnx.Intermediate)):
+                # Values sown in earlier native calls are per call, not state (see
+                # `capture=`): leave them out, on a copy of the user's module.
+                module = nnx.clone(module)
+                nnx.pop(module, nnx.Intermediate)
             graphdef, params, rest = nnx.split(module, trainable, ...)
         except Exception as err:
             raise AdapterError(
@@ -125,14 +130,16 @@ class NNXToEquinox(eqx.Module):
         self.inference = inference
         self._graphdef = Static(graphdef)
         # The variables' metadata without their values: rebuilt at call time.
-        self._templates = Static(jax.eval_shape(lambda: (params, rest)))
+        # Flattened, so that two wrappings of the same module compare equal (and
+        # `eqx.filter_jit` does not retrace).
+        leaves, treedef = jtu.tree_flatten(jax.eval_shape(lambda: (params, rest)))
+        self._templates = Static((tuple(leaves), treedef))
         self._specs = specs
         self.trainable = trainable
 
     def _module(self, rest: dict) -> nnx.Module:
-        params_template, rest_template = self._templates.value
-        params = jtu.tree_map(lambda x: x, params_template)
-        state = jtu.tree_map(lambda x: x, rest_template)
+        leaves, treedef = self._templates.value
+        params, state = jtu.tree_unflatten(treedef, leaves)
         nnx.replace_by_pure_dict(params, self.variables)
         nnx.replace_by_pure_dict(state, rest)
         return nnx.merge(self._graphdef.value, params, state)
@@ -236,7 +243,7 @@ class NNXToEquinox(eqx.Module):
                 _GROWN.format(what="variables", problems="\n".join(problems))
             )
         if _same_leaves(rest, new_rest):
-            state = state.set(self.state_index, new_rest)
+            state = state.set(self.state_index, strong(new_rest))
         if capture:
             return (out, _pure(sown)), state
         return out, state

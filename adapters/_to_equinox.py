@@ -23,6 +23,7 @@ from ._variables import (
     normalise_names,
     spec_problems,
     specs_problems,
+    strong,
     TreeSpec,
     variables_problems,
 )
@@ -642,7 +643,7 @@ class ToEquinox(eqx.Module):
                         per_call=("intermediates", collection),
                     )
                 )
-            state = state.set(self.state_indices[collection], new)
+            state = state.set(self.state_indices[collection], strong(new))
         if capture:
             captured = as_collections(
                 {c: updates.get(c, {}) for c in capture}, "capture"
@@ -696,7 +697,11 @@ def to_equinox(
             init_method=init_method,
         )
         given = [k for k, v in linen_only.items() if v is not None]
-        if args or kwargs or given or rng_streams != ("dropout",):
+        if rng_streams != ("dropout",):
+            given.append("rng_streams")
+        if per_call != ("intermediates",):
+            given.append("per_call")
+        if args or kwargs or given:
             raise AdapterTypeError(
                 "`adapters.to_equinox(nnx_module)` takes an initialised NNX module "
                 "and only `trainable=` and `inference=`; example arguments, `key`, "

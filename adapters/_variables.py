@@ -168,8 +168,8 @@ def abstract_leaf(x: Any, where: str) -> Leaf:
     if isinstance(x, (bool, int, float, complex)):
         return Leaf((), np.dtype(jnp.asarray(x).dtype))
     raise AdapterTypeError(
-        f"{where}: expected an array, got {type(x).__name__} ({x!r}). Linen variables "
-        "hold arrays (or Python scalars)."
+        f"{where}: expected an array, got {type(x).__name__} ({x!r}). The adapters "
+        "carry variables that hold arrays (or Python scalars)."
     )
 
 
@@ -215,10 +215,27 @@ def as_jax_arrays(tree: PyTree, spec: "TreeSpec", collection: str) -> PyTree:
             raise AdapterError(
                 _NARROWED.format(where=f"{collection}/{path}", leaf=leaf, stored=stored)
             )
-    return jtu.tree_map(
-        lambda x: jnp.asarray(x) if isinstance(x, (np.ndarray, np.generic)) else x,
-        tree,
+    return strong(
+        jtu.tree_map(
+            lambda x: jnp.asarray(x) if isinstance(x, (np.ndarray, np.generic)) else x,
+            tree,
+        )
     )
+
+
+def strong(tree: PyTree) -> PyTree:
+    """The tree with weakly typed arrays (made from Python scalars) strongly typed,
+    dtype kept: a state entry reset to a Python scalar must still fit the
+    `eqx.nn.State`, which compares weak types too."""
+
+    def one(x):
+        if isinstance(x, (bool, int, float, complex)):
+            x = jnp.asarray(x)
+        if getattr(x, "weak_type", False):
+            return jnp.asarray(x, dtype=x.dtype)
+        return x
+
+    return jtu.tree_map(one, tree)
 
 
 def spec_problems(
