@@ -5,6 +5,7 @@ from . import testing as testing
 from ._errors import AdapterError as AdapterError
 from ._native import (
     from_native as from_native,
+    LinenBatchNorm as LinenBatchNorm,
     register_converter as register_converter,
     to_native as to_native,
 )
@@ -20,6 +21,7 @@ from ._variables import linen_rngs as linen_rngs
 
 __all__ = [
     "AdapterError",
+    "LinenBatchNorm",
     "NNXToEquinox",
     "ToEquinox",
     "ToLinen",

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jaxtyping import PyTree
 
 from ._errors import AdapterError, AdapterTypeError
-from ._variables import as_collections
+from ._variables import as_collections, strong
 
 
 ToNative = Callable[[nn.Module, dict, Callable], eqx.Module]
@@ -126,6 +126,8 @@ def to_native(
             f"`adapters.to_native` converts linen layers; got {type(module).__name__}."
         )
     layer = _to_native(module, as_collections(variables, "`variables`"))
+    # Arrays made from Python scalars are weakly typed; state updates are not.
+    layer = strong(layer, scalars=False)
     stateful = any(
         isinstance(x, eqx.nn.StateIndex)
         for x in jax.tree.leaves(
@@ -495,4 +497,147 @@ register_converter(
     eqx.nn.Sequential,
     to_native=_sequential_to_native,
     from_native=_sequential_from_native,
+)
+
+
+class LinenBatchNorm(eqx.Module):
+    """Flax linen's `nn.BatchNorm`, as a native per-example Equinox layer.
+
+    `eqx.nn.BatchNorm` computes something else: its `mode="batch"` debiases the
+    running statistics at inference, and its `mode="ema"` normalises training
+    batches with blended statistics. This layer computes exactly what linen does:
+    in training, normalise with the batch mean and (biased) variance, and update
+    `running = momentum * running + (1 - momentum) * batch`; at inference, normalise
+    with the running statistics.
+
+    Like `eqx.nn.BatchNorm` it is per example, channels-first (`(channels, *spatial)`),
+    and takes its batch statistics across a `jax.vmap` axis:
+
+    ```python
+    out, state = jax.vmap(
+        layer, axis_name="batch", in_axes=(0, None), out_axes=(0, None)
+    )(x, state)
+    ```
+    """
+
+    scale: jax.Array | None
+    bias: jax.Array | None
+    index: eqx.nn.StateIndex
+    axis_name: Any = eqx.field(static=True)
+    momentum: float = eqx.field(static=True)
+    epsilon: float = eqx.field(static=True)
+    inference: bool
+
+    def __init__(
+        self,
+        size: int,
+        axis_name: Any = "batch",
+        momentum: float = 0.99,
+        epsilon: float = 1e-5,
+        use_scale: bool = True,
+        use_bias: bool = True,
+        inference: bool = False,
+        dtype: Any = jnp.float32,
+    ):
+        self.scale = jnp.ones(size, dtype) if use_scale else None
+        self.bias = jnp.zeros(size, dtype) if use_bias else None
+        self.index = eqx.nn.StateIndex((jnp.zeros(size, dtype), jnp.ones(size, dtype)))
+        self.axis_name = axis_name
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.inference = inference
+
+    def __call__(self, x, state, *, key=None, inference: bool | None = None):
+        inference = self.inference if inference is None else inference
+        mean, var = state.get(self.index)
+        spatial = tuple(range(1, x.ndim))
+        if not inference:
+            batch_mean = jnp.mean(x, axis=spatial)
+            batch_square = jnp.mean(jnp.square(x), axis=spatial)
+            if self.axis_name is not None:
+                batch_mean = jax.lax.pmean(batch_mean, self.axis_name)
+                batch_square = jax.lax.pmean(batch_square, self.axis_name)
+            batch_var = jnp.maximum(0.0, batch_square - jnp.square(batch_mean))
+            m = self.momentum
+            state = state.set(
+                self.index,
+                (m * mean + (1 - m) * batch_mean, m * var + (1 - m) * batch_var),
+            )
+            mean, var = batch_mean, batch_var
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        y = (x - mean.reshape(shape)) * jax.lax.rsqrt(var.reshape(shape) + self.epsilon)
+        if self.scale is not None:
+            y = y * self.scale.reshape(shape)
+        if self.bias is not None:
+            y = y + self.bias.reshape(shape)
+        return y, state
+
+
+def _batchnorm_to_native(module: nn.BatchNorm, variables: dict, convert):
+    name = "nn.BatchNorm"
+    if module.axis not in (-1,):
+        raise unsupported(
+            name,
+            "axis",
+            module.axis,
+            "the native layer normalises the channel axis, which linen has last",
+        )
+    if module.axis_index_groups is not None:
+        raise unsupported(
+            name,
+            "axis_index_groups",
+            module.axis_index_groups,
+            "the native layer reduces across the whole vmapped axis",
+        )
+    stats = variables.get("batch_stats", {})
+    params = variables.get("params", {})
+    mean, var = stats["mean"], stats["var"]
+    layer = LinenBatchNorm(
+        mean.shape[0],
+        axis_name=module.axis_name or "batch",
+        momentum=module.momentum,
+        epsilon=module.epsilon,
+        use_scale=module.use_scale,
+        use_bias=module.use_bias,
+        inference=bool(module.use_running_average),
+        dtype=mean.dtype,
+    )
+    return eqx.tree_at(
+        lambda m: (m.scale, m.bias, m.index.init),
+        layer,
+        (params.get("scale"), params.get("bias"), (mean, var)),
+        is_leaf=lambda x: x is None,
+    )
+
+
+def _batchnorm_from_native(layer: LinenBatchNorm, state, convert):
+    if state is None:
+        raise AdapterError(
+            "`adapters.from_native` needs the `eqx.nn.State` of a LinenBatchNorm "
+            "(its running statistics): `from_native(layer, state)`."
+        )
+    mean, var = state.get(layer.index)
+    params = {}
+    if layer.scale is not None:
+        params["scale"] = layer.scale
+    if layer.bias is not None:
+        params["bias"] = layer.bias
+    module = nn.BatchNorm(
+        use_running_average=layer.inference,
+        momentum=layer.momentum,
+        epsilon=layer.epsilon,
+        use_scale=layer.scale is not None,
+        use_bias=layer.bias is not None,
+    )
+    variables = {"batch_stats": {"mean": mean, "var": var}}
+    if params:
+        variables = {"params": params, **variables}
+    return module, variables
+
+
+register_converter(
+    nn.BatchNorm,
+    LinenBatchNorm,
+    to_native=_batchnorm_to_native,
+    from_native=_batchnorm_from_native,
 )

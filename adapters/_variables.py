@@ -219,17 +219,19 @@ def as_jax_arrays(tree: PyTree, spec: "TreeSpec", collection: str) -> PyTree:
         jtu.tree_map(
             lambda x: jnp.asarray(x) if isinstance(x, (np.ndarray, np.generic)) else x,
             tree,
-        )
+        ),
+        scalars=False,
     )
 
 
-def strong(tree: PyTree) -> PyTree:
+def strong(tree: PyTree, scalars: bool = True) -> PyTree:
     """The tree with weakly typed arrays (made from Python scalars) strongly typed,
     dtype kept: a state entry reset to a Python scalar must still fit the
-    `eqx.nn.State`, which compares weak types too."""
+    `eqx.nn.State`, which compares weak types too. With `scalars`, Python scalars
+    become such arrays too (for state values, which are arrays anyway)."""
 
     def one(x):
-        if isinstance(x, (bool, int, float, complex)):
+        if scalars and isinstance(x, (bool, int, float, complex)):
             x = jnp.asarray(x)
         if getattr(x, "weak_type", False):
             return jnp.asarray(x, dtype=x.dtype)

@@ -112,11 +112,12 @@ def test_dropout_pair(getkey):
 
 
 def test_unregistered_layer_type(getkey):
-    variables = nn.BatchNorm(use_running_average=True).init(getkey(), X)
+    module = nn.ConvTranspose(3, (3, 3))
+    variables = module.init(getkey(), X2D)
     with pytest.raises(
-        adapters.AdapterError, match="(?s)BatchNorm.*adapters.register_converter"
+        adapters.AdapterError, match="(?s)ConvTranspose.*adapters.register_converter"
     ):
-        adapters.to_native(nn.BatchNorm(use_running_average=True), variables)
+        adapters.to_native(module, variables)
 
 
 def test_option_without_equivalent(getkey):
@@ -156,3 +157,53 @@ def test_register_a_users_own_pair(getkey):
     chex.assert_trees_all_close(jax.vmap(layer)(X), module.apply(variables, X))
     _, back = adapters.from_native(layer)
     chex.assert_trees_all_equal(back, variables)
+
+
+@pytest.mark.parametrize("use_scale, use_bias", [(True, True), (False, False)])
+def test_batchnorm_matches_linen_in_training_and_inference(use_scale, use_bias, getkey):
+    """`nn.BatchNorm` converts to `adapters.LinenBatchNorm` (eqx.nn.BatchNorm computes
+    something else), per example and channels-first, statistics across the vmap."""
+    x = jr.normal(getkey(), (8, 5, 5, 3)) * 2 + 1
+    train = nn.BatchNorm(
+        use_running_average=False, momentum=0.8, use_scale=use_scale, use_bias=use_bias
+    )
+    variables = train.init(getkey(), x)
+    # Non-trivial statistics and affine parameters.
+    variables["batch_stats"] = {"mean": jnp.full(3, 0.3), "var": jnp.full(3, 2.0)}
+    if use_scale:
+        variables["params"] = {
+            "scale": jnp.arange(1.0, 4.0),
+            "bias": jnp.arange(3.0),
+        }
+    layer, state = adapters.to_native(train, variables)
+    assert isinstance(layer, adapters.LinenBatchNorm)
+    batched = jax.vmap(layer, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
+    y, new_state = batched(jnp.moveaxis(x, -1, 1), state)
+    native, updates = train.apply(variables, x, mutable=["batch_stats"])
+    chex.assert_trees_all_close(jnp.moveaxis(y, 1, -1), native, atol=1e-5, rtol=1e-5)
+    mean, var = new_state.get(layer.index)
+    chex.assert_trees_all_close(
+        {"mean": mean, "var": var}, updates["batch_stats"], rtol=1e-5, atol=1e-6
+    )
+    # Inference: the running statistics, unchanged.
+    infer = nn.BatchNorm(
+        use_running_average=True, momentum=0.8, use_scale=use_scale, use_bias=use_bias
+    )
+    y, same = jax.vmap(
+        eqx.nn.inference_mode(layer),
+        axis_name="batch",
+        in_axes=(0, None),
+        out_axes=(0, None),
+    )(jnp.moveaxis(x, -1, 1), state)
+    chex.assert_trees_all_close(
+        jnp.moveaxis(y, 1, -1), infer.apply(variables, x), atol=1e-5, rtol=1e-5
+    )
+    # Back, bit-exact.
+    module, back = adapters.from_native(layer, state)
+    chex.assert_trees_all_equal(back, variables)
+    assert module.momentum == 0.8 and module.use_running_average is False
+
+
+def test_batchnorm_from_native_needs_state(getkey):
+    with pytest.raises(adapters.AdapterError, match="needs the `eqx.nn.State`"):
+        adapters.from_native(adapters.LinenBatchNorm(3))
