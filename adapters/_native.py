@@ -641,3 +641,59 @@ register_converter(
     to_native=_batchnorm_to_native,
     from_native=_batchnorm_from_native,
 )
+
+
+def _groupnorm_to_native(module: nn.GroupNorm, variables: dict, convert):
+    name = "nn.GroupNorm"
+    if module.reduction_axes is not None:
+        raise unsupported(
+            name,
+            "reduction_axes",
+            module.reduction_axes,
+            "eqx.nn.GroupNorm normalises each whole example",
+        )
+    if module.axis_name is not None:
+        raise unsupported(
+            name,
+            "axis_name",
+            module.axis_name,
+            "eqx.nn.GroupNorm takes no cross-device statistics",
+        )
+    if module.use_scale != module.use_bias:
+        raise unsupported(
+            name,
+            "use_scale/use_bias",
+            (module.use_scale, module.use_bias),
+            "eqx.nn.GroupNorm has both affine parameters or neither",
+        )
+    params = params_of(variables, name)
+    if not params:
+        raise AdapterError(
+            "nn.GroupNorm without scale and bias carries no channel count; build "
+            "`eqx.nn.GroupNorm(groups, channels, channelwise_affine=False)` yourself."
+        )
+    scale, bias = params["scale"], params["bias"]
+    channels = scale.shape[0]
+    groups = module.num_groups or channels // module.group_size
+    layer = eqx.nn.GroupNorm(groups, channels, eps=module.epsilon, dtype=scale.dtype)
+    return eqx.tree_at(lambda m: (m.weight, m.bias), layer, (scale, bias))
+
+
+def _groupnorm_from_native(layer: eqx.nn.GroupNorm, state, convert):
+    module = nn.GroupNorm(
+        num_groups=layer.groups,
+        epsilon=layer.eps,
+        use_scale=layer.channelwise_affine,
+        use_bias=layer.channelwise_affine,
+    )
+    if not layer.channelwise_affine:
+        return module, {}
+    return module, {"params": {"scale": layer.weight, "bias": layer.bias}}
+
+
+register_converter(
+    nn.GroupNorm,
+    eqx.nn.GroupNorm,
+    to_native=_groupnorm_to_native,
+    from_native=_groupnorm_from_native,
+)

@@ -58,6 +58,13 @@ CASES = {
         eqx.nn.Conv,
     ),
     "conv1d": (nn.Conv(6, (3,), padding=1), X1D, _channels_last, eqx.nn.Conv),
+    "groupnorm": (nn.GroupNorm(num_groups=2), X2D, _channels_last, eqx.nn.GroupNorm),
+    "groupnorm_group_size": (
+        nn.GroupNorm(num_groups=None, group_size=1, epsilon=1e-3),
+        X2D,
+        _channels_last,
+        eqx.nn.GroupNorm,
+    ),
     "sequential": (
         nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(2)]),
         X,
