@@ -697,3 +697,96 @@ register_converter(
     to_native=_groupnorm_to_native,
     from_native=_groupnorm_from_native,
 )
+
+
+def _check_gates(module: nn.Module, name: str) -> None:
+    if module.gate_fn is not nn.sigmoid or module.activation_fn is not nn.tanh:
+        raise unsupported(
+            name,
+            "gate_fn/activation_fn",
+            (module.gate_fn, module.activation_fn),
+            "the Equinox cell uses sigmoid gates and tanh",
+        )
+
+
+def _gru_to_native(module: nn.GRUCell, variables: dict, convert) -> eqx.nn.GRUCell:
+    _check_gates(module, "nn.GRUCell")
+    p = params_of(variables, "nn.GRUCell")
+    inputs, hidden = p["ir"]["kernel"].shape
+    cell = skeleton(eqx.nn.GRUCell, inputs, hidden, dtype=p["ir"]["kernel"].dtype)
+    gates = ("r", "z", "n")
+    return eqx.tree_at(
+        lambda c: (c.weight_ih, c.weight_hh, c.bias, c.bias_n),
+        cell,
+        (
+            jnp.concatenate([p[f"i{g}"]["kernel"].T for g in gates]),
+            jnp.concatenate([p[f"h{g}"]["kernel"].T for g in gates]),
+            jnp.concatenate([p[f"i{g}"]["bias"] for g in gates]),
+            p["hn"]["bias"],
+        ),
+    )
+
+
+def _gru_from_native(cell: eqx.nn.GRUCell, state, convert):
+    if not cell.use_bias:
+        raise unsupported(
+            "eqx.nn.GRUCell",
+            "use_bias",
+            False,
+            "nn.GRUCell always has its input and `hn` biases",
+        )
+    w_ih = jnp.split(cell.weight_ih, 3)
+    w_hh = jnp.split(cell.weight_hh, 3)
+    b = jnp.split(cell.bias, 3)
+    params = {}
+    for i, g in enumerate(("r", "z", "n")):
+        params[f"i{g}"] = {"kernel": w_ih[i].T, "bias": b[i]}
+        params[f"h{g}"] = {"kernel": w_hh[i].T}
+    params["hn"]["bias"] = cell.bias_n
+    return nn.GRUCell(cell.hidden_size), {"params": params}
+
+
+def _lstm_to_native(module: nn.LSTMCell, variables: dict, convert) -> eqx.nn.LSTMCell:
+    _check_gates(module, "nn.LSTMCell")
+    p = params_of(variables, "nn.LSTMCell")
+    inputs, hidden = p["ii"]["kernel"].shape
+    cell = skeleton(eqx.nn.LSTMCell, inputs, hidden, dtype=p["ii"]["kernel"].dtype)
+    gates = ("i", "f", "g", "o")
+    return eqx.tree_at(
+        lambda c: (c.weight_ih, c.weight_hh, c.bias),
+        cell,
+        (
+            jnp.concatenate([p[f"i{g}"]["kernel"].T for g in gates]),
+            jnp.concatenate([p[f"h{g}"]["kernel"].T for g in gates]),
+            jnp.concatenate([p[f"h{g}"]["bias"] for g in gates]),
+        ),
+    )
+
+
+def _lstm_from_native(cell: eqx.nn.LSTMCell, state, convert):
+    if not cell.use_bias:
+        raise unsupported(
+            "eqx.nn.LSTMCell",
+            "use_bias",
+            False,
+            "nn.LSTMCell always has its hidden biases",
+        )
+    w_ih = jnp.split(cell.weight_ih, 4)
+    w_hh = jnp.split(cell.weight_hh, 4)
+    b = jnp.split(cell.bias, 4)
+    params = {}
+    for i, g in enumerate(("i", "f", "g", "o")):
+        params[f"i{g}"] = {"kernel": w_ih[i].T}
+        params[f"h{g}"] = {"kernel": w_hh[i].T, "bias": b[i]}
+    return nn.LSTMCell(cell.hidden_size), {"params": params}
+
+
+register_converter(
+    nn.GRUCell, eqx.nn.GRUCell, to_native=_gru_to_native, from_native=_gru_from_native
+)
+register_converter(
+    nn.LSTMCell,
+    eqx.nn.LSTMCell,
+    to_native=_lstm_to_native,
+    from_native=_lstm_from_native,
+)

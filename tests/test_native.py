@@ -214,3 +214,33 @@ def test_batchnorm_matches_linen_in_training_and_inference(use_scale, use_bias, 
 def test_batchnorm_from_native_needs_state(getkey):
     with pytest.raises(adapters.AdapterError, match="needs the `eqx.nn.State`"):
         adapters.from_native(adapters.LinenBatchNorm(3))
+
+
+def test_gru_cell_matches_linen(getkey):
+    """linen: `(carry, x) -> (carry, carry)` on a batch; Equinox: `(x, h) -> h`
+    per example, gates (r, z, n) packed into one matrix."""
+    cell = nn.GRUCell(4)
+    x = jr.normal(getkey(), (5, 3))
+    h = jr.normal(getkey(), (5, 4))
+    variables = cell.init(getkey(), h, x)
+    native, _ = cell.apply(variables, h, x)
+    layer, _ = adapters.to_native(cell, variables)
+    assert isinstance(layer, eqx.nn.GRUCell)
+    chex.assert_trees_all_close(jax.vmap(layer)(x, h), native, atol=1e-6)
+    _, back = adapters.from_native(layer)
+    chex.assert_trees_all_equal(back, variables)
+
+
+def test_lstm_cell_matches_linen(getkey):
+    """linen's carry is `(c, h)`; Equinox's hidden state is `(h, c)`."""
+    cell = nn.LSTMCell(4)
+    x = jr.normal(getkey(), (5, 3))
+    c, h = jr.normal(getkey(), (5, 4)), jr.normal(getkey(), (5, 4))
+    variables = cell.init(getkey(), (c, h), x)
+    (native_c, native_h), _ = cell.apply(variables, (c, h), x)
+    layer, _ = adapters.to_native(cell, variables)
+    assert isinstance(layer, eqx.nn.LSTMCell)
+    new_h, new_c = jax.vmap(layer)(x, (h, c))
+    chex.assert_trees_all_close((new_c, new_h), (native_c, native_h), atol=1e-6)
+    _, back = adapters.from_native(layer)
+    chex.assert_trees_all_equal(back, variables)
