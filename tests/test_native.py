@@ -244,3 +244,33 @@ def test_lstm_cell_matches_linen(getkey):
     chex.assert_trees_all_close((new_c, new_h), (native_c, native_h), atol=1e-6)
     _, back = adapters.from_native(layer)
     chex.assert_trees_all_equal(back, variables)
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_attention_matches_linen(use_bias, getkey):
+    """Heads are packed `(in, heads, size)` in linen and `(heads * size, in)` in
+    Equinox; linen takes a batch `(B, L, F)`, Equinox one sequence `(L, F)`."""
+    module = nn.MultiHeadDotProductAttention(
+        num_heads=2, qkv_features=8, out_features=5, use_bias=use_bias
+    )
+    q = jr.normal(getkey(), (3, 4, 6))
+    kv = jr.normal(getkey(), (3, 7, 6))
+    variables = module.init(getkey(), q, kv)
+    native = module.apply(variables, q, kv)
+    layer, _ = adapters.to_native(module, variables)
+    assert isinstance(layer, eqx.nn.MultiheadAttention)
+    chex.assert_trees_all_close(jax.vmap(layer)(q, kv, kv), native, atol=1e-5)
+    # Gradients w.r.t. the query agree too.
+    native_grad = jax.grad(lambda q: jnp.sum(module.apply(variables, q, kv) ** 2))(q)
+    grad = jax.grad(lambda q: jnp.sum(jax.vmap(layer)(q, kv, kv) ** 2))(q)
+    chex.assert_trees_all_close(grad, native_grad, rtol=1e-4, atol=1e-5)
+    back_module, back = adapters.from_native(layer)
+    chex.assert_trees_all_equal(back, variables)
+    chex.assert_trees_all_equal(back_module.apply(back, q, kv), native)
+
+
+def test_attention_decode_is_refused(getkey):
+    module = nn.MultiHeadDotProductAttention(num_heads=2, decode=True)
+    variables = module.init(getkey(), jnp.ones((1, 4, 6)))
+    with pytest.raises(adapters.AdapterError, match="decode"):
+        adapters.to_native(module, variables)
