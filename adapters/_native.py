@@ -934,3 +934,130 @@ register_converter(
     to_native=_attention_to_native,
     from_native=_attention_from_native,
 )
+
+
+def _conv_transpose_to_native(module: nn.ConvTranspose, variables: dict, convert):
+    name = "nn.ConvTranspose"
+    for option in ("mask", "precision"):
+        if getattr(module, option) is not None:
+            raise unsupported(
+                name,
+                option,
+                getattr(module, option),
+                "eqx.nn.ConvTranspose has no such option",
+            )
+    if module.transpose_kernel:
+        raise unsupported(
+            name,
+            "transpose_kernel",
+            True,
+            "eqx.nn.ConvTranspose uses linen's default kernel layout",
+        )
+    padding = module.padding
+    if not (isinstance(padding, str) and padding.upper() in ("SAME", "VALID")):
+        raise unsupported(
+            name,
+            "padding",
+            padding,
+            "linen pads the dilated input "
+            "where Equinox pads like the forward convolution; only "
+            "SAME and VALID mean the same in both",
+        )
+    params = params_of(variables, name)
+    kernel = params["kernel"]  # (*spatial, in, out)
+    spatial = kernel.ndim - 2
+    tup = lambda v: (v,) * spatial if isinstance(v, int) else tuple(v)  # noqa: E731
+    layer = skeleton(
+        eqx.nn.ConvTranspose,
+        spatial,
+        kernel.shape[-2],
+        kernel.shape[-1],
+        kernel.shape[:-2],
+        stride=tup(module.strides or 1),
+        padding=padding.upper(),
+        dilation=tup(module.kernel_dilation or 1),
+        use_bias=module.use_bias,
+        dtype=kernel.dtype,
+    )
+    weight = jnp.moveaxis(kernel, (-1, -2), (0, 1))  # (out, in, *spatial), no flip
+    if module.use_bias:
+        bias = params["bias"].reshape((-1,) + (1,) * spatial)
+        return eqx.tree_at(lambda m: (m.weight, m.bias), layer, (weight, bias))
+    return eqx.tree_at(lambda m: m.weight, layer, weight)
+
+
+def _conv_transpose_from_native(layer: eqx.nn.ConvTranspose, state, convert):
+    name = "eqx.nn.ConvTranspose"
+    if not isinstance(layer.padding, str) and any(
+        tuple(p) != (0, 0) for p in layer.padding
+    ):
+        raise unsupported(
+            name,
+            "padding",
+            layer.padding,
+            "only SAME and VALID (or no padding) mean the same in linen",
+        )
+    if layer.groups != 1 or any(p != 0 for p in layer.output_padding):
+        raise unsupported(
+            name,
+            "groups/output_padding",
+            (layer.groups, layer.output_padding),
+            "nn.ConvTranspose has neither",
+        )
+    params = {"kernel": jnp.moveaxis(layer.weight, (0, 1), (-1, -2))}
+    if layer.use_bias:
+        params["bias"] = layer.bias.reshape(-1)
+    module = nn.ConvTranspose(
+        layer.out_channels,
+        tuple(layer.kernel_size),
+        strides=tuple(layer.stride),
+        padding=layer.padding if isinstance(layer.padding, str) else "VALID",
+        kernel_dilation=tuple(layer.dilation),
+        use_bias=layer.use_bias,
+    )
+    return module, {"params": params}
+
+
+def _dense_general_to_native(module: nn.DenseGeneral, variables: dict, convert):
+    name = "nn.DenseGeneral"
+    features = module.features
+    if isinstance(features, (tuple, list)):
+        if len(features) != 1:
+            raise unsupported(
+                name,
+                "features",
+                features,
+                "eqx.nn.Linear maps to one "
+                "feature axis; reshape the output of an nn.Dense instead",
+            )
+        features = features[0]
+    if module.axis not in (-1, (-1,)) or module.batch_dims:
+        raise unsupported(
+            name,
+            "axis/batch_dims",
+            (module.axis, module.batch_dims),
+            "eqx.nn.Linear contracts the last axis only",
+        )
+    params = params_of(variables, name)
+    kernel = params["kernel"].reshape(-1, features)
+    dense = {"kernel": kernel}
+    if module.use_bias:
+        dense["bias"] = params["bias"].reshape(features)
+    return _dense_to_native(
+        nn.Dense(features, use_bias=module.use_bias, precision=module.precision),
+        {"params": dense},
+        convert,
+    )
+
+
+register_converter(
+    nn.ConvTranspose,
+    eqx.nn.ConvTranspose,
+    to_native=_conv_transpose_to_native,
+    from_native=_conv_transpose_from_native,
+)
+# DenseGeneral converts one way only: its Equinox form is an eqx.nn.Linear, which
+# converts back to nn.Dense (the same computation).
+_BY_LINEN[nn.DenseGeneral] = Converter(
+    nn.DenseGeneral, eqx.nn.Linear, _dense_general_to_native, _linear_from_native
+)

@@ -58,6 +58,24 @@ CASES = {
         eqx.nn.Conv,
     ),
     "conv1d": (nn.Conv(6, (3,), padding=1), X1D, _channels_last, eqx.nn.Conv),
+    "conv_transpose_valid": (
+        nn.ConvTranspose(5, (3, 3), strides=(2, 2), padding="VALID"),
+        X2D,
+        _channels_last,
+        eqx.nn.ConvTranspose,
+    ),
+    "conv_transpose_same_dilated": (
+        nn.ConvTranspose(5, (3, 3), padding="SAME", kernel_dilation=(2, 2)),
+        X2D,
+        _channels_last,
+        eqx.nn.ConvTranspose,
+    ),
+    "conv_transpose_1d_no_bias": (
+        nn.ConvTranspose(5, (3,), strides=(2,), use_bias=False),
+        X1D,
+        _channels_last,
+        eqx.nn.ConvTranspose,
+    ),
     "groupnorm": (nn.GroupNorm(num_groups=2), X2D, _channels_last, eqx.nn.GroupNorm),
     "groupnorm_group_size": (
         nn.GroupNorm(num_groups=None, group_size=1, epsilon=1e-3),
@@ -119,10 +137,10 @@ def test_dropout_pair(getkey):
 
 
 def test_unregistered_layer_type(getkey):
-    module = nn.ConvTranspose(3, (3, 3))
-    variables = module.init(getkey(), X2D)
+    module = nn.Einsum((3, 5), "ab,bc->ac")
+    variables = module.init(getkey(), X)
     with pytest.raises(
-        adapters.AdapterError, match="(?s)ConvTranspose.*adapters.register_converter"
+        adapters.AdapterError, match="(?s)Einsum.*adapters.register_converter"
     ):
         adapters.to_native(module, variables)
 
@@ -274,3 +292,28 @@ def test_attention_decode_is_refused(getkey):
     variables = module.init(getkey(), jnp.ones((1, 4, 6)))
     with pytest.raises(adapters.AdapterError, match="decode"):
         adapters.to_native(module, variables)
+
+
+def test_dense_general_where_expressible(getkey):
+    """`nn.DenseGeneral` over the last axis is an `eqx.nn.Linear` (which converts
+    back to `nn.Dense`, the same computation); other layouts are refused."""
+    module = nn.DenseGeneral(features=5)
+    variables = module.init(getkey(), X)
+    layer, _ = adapters.to_native(module, variables)
+    assert isinstance(layer, eqx.nn.Linear)
+    chex.assert_trees_all_close(jax.vmap(layer)(X), module.apply(variables, X))
+    back_module, back = adapters.from_native(layer)
+    chex.assert_trees_all_equal(back_module.apply(back, X), module.apply(variables, X))
+    heads = nn.DenseGeneral(features=(2, 4))
+    with pytest.raises(adapters.AdapterError, match="features"):
+        adapters.to_native(heads, heads.init(getkey(), X))
+    contract = nn.DenseGeneral(features=5, axis=(-2, -1))
+    x3 = jr.normal(getkey(), (4, 2, 3))
+    with pytest.raises(adapters.AdapterError, match="axis/batch_dims"):
+        adapters.to_native(contract, contract.init(getkey(), x3))
+
+
+def test_conv_transpose_explicit_padding_refused(getkey):
+    module = nn.ConvTranspose(3, (3, 3), padding=((1, 1), (1, 1)))
+    with pytest.raises(adapters.AdapterError, match="pads the dilated input"):
+        adapters.to_native(module, module.init(getkey(), X2D))
