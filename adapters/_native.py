@@ -500,7 +500,7 @@ register_converter(
 )
 
 
-class LinenBatchNorm(eqx.Module):
+class LinenBatchNorm(eqx.nn.StatefulLayer):
     """Flax linen's `nn.BatchNorm`, as a native per-example Equinox layer.
 
     `eqx.nn.BatchNorm` computes something else: its `mode="batch"` debiases the

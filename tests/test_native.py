@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import optax
 import pytest
 
 import adapters
@@ -317,3 +318,43 @@ def test_conv_transpose_explicit_padding_refused(getkey):
     module = nn.ConvTranspose(3, (3, 3), padding=((1, 1), (1, 1)))
     with pytest.raises(adapters.AdapterError, match="pads the dilated input"):
         adapters.to_native(module, module.init(getkey(), X2D))
+
+
+def test_small_cnn_converts_whole_and_trains_alike(getkey):
+    """A linen CNN built from standard layers converts whole; trained with Adam it
+    follows linen's trajectory, BatchNorm statistics included."""
+    cnn = nn.Sequential(
+        [
+            nn.Conv(8, (3, 3), use_bias=False),
+            nn.BatchNorm(use_running_average=False, momentum=0.9),
+            nn.relu,
+            nn.Conv(4, (3, 3), strides=2),
+            nn.relu,
+        ]
+    )
+    x = jr.normal(getkey(), (6, 8, 8, 3))
+    variables = cnn.init(getkey(), x)
+    layer, state = adapters.to_native(cnn, variables)
+    assert isinstance(layer, eqx.nn.Sequential)
+    assert isinstance(layer.layers[1], adapters.LinenBatchNorm)
+
+    def call(model, x, state, *, key=None):
+        out, state = jax.vmap(
+            model, axis_name="batch", in_axes=(0, None), out_axes=(0, None)
+        )(jnp.moveaxis(x, -1, 1), state)
+        return jnp.moveaxis(out, 1, -1), state
+
+    adapters.testing.assert_equivalent(
+        cnn,
+        variables,
+        layer,
+        state,
+        x,
+        as_linen=lambda m, s: adapters.from_native(m, s)[1],
+        call=call,
+        modes=("train",),  # this linen Sequential is fixed in training mode
+        optimizer=optax.adam(1e-2),
+        steps=3,
+        rtol=1e-4,
+        atol=1e-5,
+    )
