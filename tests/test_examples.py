@@ -53,3 +53,11 @@ def test_sharded_training():
         re.search(r"one device\| over the parameters: ([0-9.e+-]+)", out).group(1)
     )
     assert diff < 1e-5
+
+
+def test_gradual_migration(capsys):
+    done = _load("gradual_migration").main(quick=True)
+    # Every part was replaced, each check passed (assert_equivalent raises
+    # otherwise), and the final model holds no linen module.
+    assert done == ["embed", "norm", "attn", "mixer", "head"]
+    assert "pure Equinox" in capsys.readouterr().out
