@@ -52,10 +52,25 @@ def register_converter(
     linen_type: type,
     equinox_type: type,
     *,
-    to_native: ToNative,
-    from_native: FromNative,
-) -> None:
+    to_native: ToNative | None = None,
+    from_native: FromNative | None = None,
+) -> Any:
     """Registers how a linen layer type converts to an Equinox layer type, and back.
+
+    Call it with both functions, or use it as a class decorator on a class that
+    defines them as static methods:
+
+    !!! Example
+
+        ```python
+        @adapters.register_converter(Mixer, EqxMixer)
+        class MixerConverter:
+            @staticmethod
+            def to_native(module, variables, convert): ...
+
+            @staticmethod
+            def from_native(layer, state, convert): ...
+        ```
 
     **Arguments:**
 
@@ -68,7 +83,28 @@ def register_converter(
         `convert(sublayer)` converts a sublayer back.
 
     A later registration for the same types replaces the earlier one.
+
+    **Returns:**
+
+    `None`, or, without the two functions, the class decorator.
     """
+    if to_native is None and from_native is None:
+
+        def decorator(cls):
+            register_converter(
+                linen_type,
+                equinox_type,
+                to_native=cls.to_native,
+                from_native=cls.from_native,
+            )
+            return cls
+
+        return decorator
+    if to_native is None or from_native is None:
+        raise AdapterTypeError(
+            "`adapters.register_converter` takes both `to_native=` and "
+            "`from_native=`, or neither (as a class decorator)."
+        )
     converter = Converter(linen_type, equinox_type, to_native, from_native)
     _BY_LINEN[linen_type] = converter
     _BY_EQUINOX[equinox_type] = converter

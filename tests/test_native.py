@@ -59,6 +59,12 @@ CASES = {
         eqx.nn.Conv,
     ),
     "conv1d": (nn.Conv(6, (3,), padding=1), X1D, _channels_last, eqx.nn.Conv),
+    "conv3d": (
+        nn.Conv(4, (2, 3, 2), strides=(1, 2, 1)),
+        jr.normal(jr.key(4), (2, 4, 6, 5, 3)),
+        _channels_last,
+        eqx.nn.Conv,
+    ),
     "conv_transpose_valid": (
         nn.ConvTranspose(5, (3, 3), strides=(2, 2), padding="VALID"),
         X2D,
@@ -358,3 +364,31 @@ def test_small_cnn_converts_whole_and_trains_alike(getkey):
         rtol=1e-4,
         atol=1e-5,
     )
+
+
+def test_register_as_a_class_decorator(getkey):
+    class Double(nn.Module):
+        def __call__(self, x):
+            return 2 * x
+
+    class EqxDouble(eqx.Module):
+        def __call__(self, x, *, key=None):
+            return 2 * x
+
+    @adapters.register_converter(Double, EqxDouble)
+    class DoubleConverter:
+        @staticmethod
+        def to_native(module, variables, convert):
+            return EqxDouble()
+
+        @staticmethod
+        def from_native(layer, state, convert):
+            return Double(), {}
+
+    module = nn.Sequential([Double(), nn.Dense(2)])
+    variables = module.init(getkey(), X)
+    layer, _ = adapters.to_native(module, variables)
+    assert isinstance(layer.layers[0], EqxDouble)
+    chex.assert_trees_all_close(jax.vmap(layer)(X), module.apply(variables, X))
+    with pytest.raises(TypeError, match="both"):
+        adapters.register_converter(Double, EqxDouble, to_native=lambda *a: None)
