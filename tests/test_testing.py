@@ -635,11 +635,14 @@ class WeakScale(nn.Module):
 
 def test_weakly_typed_param_is_not_a_retrace(getkey):
     x = _x(getkey())
-    model, state = adapters.to_equinox(WeakScale(), x, key=getkey())
-    assert model.variables["params"]["scale"].weak_type
+    native = WeakScale().init(getkey(), x)
+    assert native["params"]["scale"].weak_type  # linen's init: weakly typed
+    model, state = adapters.to_equinox(WeakScale(), x, variables=native)
+    # The wrapper holds it strongly typed, as its first update would make it.
+    assert not model.variables["params"]["scale"].weak_type
     assert_equivalent(
         WeakScale(),
-        model.linen_variables(state),
+        native,
         model,
         state,
         x,
