@@ -168,6 +168,7 @@ def main(argv=None) -> dict[str, Any]:
         "step_time_vs_split_merge": vs_split,
         "step_time_vs_nnx_jit": vs_nnx_jit,
         "targets": targets,
+        "holds": all(t["holds"] for t in targets),
     }
     C.write_json(args.out, NAME, payload)
     return payload
