@@ -337,6 +337,17 @@ def xent(logits, labels):
 OPTIMISER = optax.adam(1e-3)
 
 
+def _equinox_update(model, opt_state, loss):
+    """One Adam step of an Equinox model in the partition pattern, for
+    `loss(model) -> (value, new_state)`: returns `(arrays, new_state, opt_state,
+    value)`. Shared by every Equinox-side train step, wrapped or native."""
+    (value, state), grads = eqx.filter_value_and_grad(loss, has_aux=True)(model)
+    params = eqx.filter(model, eqx.is_inexact_array)
+    updates, opt_state = OPTIMISER.update(grads, opt_state, params)
+    model = eqx.apply_updates(model, updates)
+    return eqx.filter(model, eqx.is_array), state, opt_state, value
+
+
 def draw_dropout_key(key):
     """The key that `make_rng("dropout")` draws in a top-level linen module given
     `rngs={"dropout": key}`: the key ToLinen passes to the Equinox model."""
@@ -370,11 +381,7 @@ def to_equinox_cnn(s: Sizes) -> Case:
             logits, new_state = model(x, state, key=key)
             return xent(logits, y), new_state
 
-        (value, state), grads = eqx.filter_value_and_grad(loss, has_aux=True)(model)
-        params = eqx.filter(model, eqx.is_inexact_array)
-        updates, opt_state = OPTIMISER.update(grads, opt_state, params)
-        model = eqx.apply_updates(model, updates)
-        return eqx.filter(model, eqx.is_array), state, opt_state, value
+        return _equinox_update(model, opt_state, loss)
 
     def native_with(rngs_of):
         def native(params, batch_stats, opt_state, x, y, key):
@@ -443,11 +450,7 @@ def to_equinox_decoder(s: Sizes) -> Case:
             out, new_state = model(x, state)
             return jnp.mean((out - y) ** 2), new_state
 
-        (value, state), grads = eqx.filter_value_and_grad(loss, has_aux=True)(model)
-        params = eqx.filter(model, eqx.is_inexact_array)
-        updates, opt_state = OPTIMISER.update(grads, opt_state, params)
-        model = eqx.apply_updates(model, updates)
-        return eqx.filter(model, eqx.is_array), state, opt_state, value
+        return _equinox_update(model, opt_state, loss)
 
     def native(params, cache, opt_state, x, y):
         def loss(params):
@@ -517,11 +520,7 @@ def to_linen_cnn(s: Sizes) -> Case:
                 )(x, keys)
                 return xent(logits, y), new_state
 
-            (value, state), grads = eqx.filter_value_and_grad(loss, has_aux=True)(model)
-            params = eqx.filter(model, eqx.is_inexact_array)
-            updates, opt_state = OPTIMISER.update(grads, opt_state, params)
-            model = eqx.apply_updates(model, updates)
-            return eqx.filter(model, eqx.is_array), state, opt_state, value
+            return _equinox_update(model, opt_state, loss)
 
         return native
 
@@ -586,11 +585,7 @@ def to_linen_decoder(s: Sizes) -> Case:
             out, new_state = model(x, state)
             return jnp.mean((out - y) ** 2), new_state
 
-        (value, state), grads = eqx.filter_value_and_grad(loss, has_aux=True)(model)
-        params = eqx.filter(model, eqx.is_inexact_array)
-        updates, opt_state = OPTIMISER.update(grads, opt_state, params)
-        model = eqx.apply_updates(model, updates)
-        return eqx.filter(model, eqx.is_array), state, opt_state, value
+        return _equinox_update(model, opt_state, loss)
 
     w_opt = OPTIMISER.init(params)
     n_opt = OPTIMISER.init(eqx.filter(model, eqx.is_inexact_array))
