@@ -1,26 +1,188 @@
-"""Every Python block of the guide pages runs, in order, so the docs cannot rot."""
+"""The documentation site: every Python block of every page runs, every error the
+FAQ shows is the error the code raises, every public name is in the API
+reference, and `mkdocs build --strict` passes.
 
+Conventions a page may use (HTML comments, not rendered by mkdocs):
+
+- `<!-- docs-test: devices=8 -->` anywhere in a page: the page runs in a fresh
+  process with that many CPU devices (JAX fixes the device count at start-up).
+- `<!-- docs-test: raises ExceptionName -->` right before a python block: the block
+  must raise that exception (a name from `adapters`, or a builtin); when the next
+  fenced block is a ```text block, it is the message, where `...` stands for any
+  text, and the raised message must match it.
+- `<!-- docs-test: skip -->` right before a python block: the block is not run
+  (for a fragment that shows a signature or needs hardware this machine lacks);
+  a test counts these so that they stay few.
+"""
+
+import builtins
+import importlib.util
+import os
 import pathlib
 import re
+import subprocess
+import sys
+from dataclasses import dataclass
 
 import pytest
 
-
-DOCS = pathlib.Path(__file__).parent.parent / "docs"
-PAGES = ["testing.md", "nnx.md"]
+import adapters
 
 
-def python_blocks(page: str) -> list[str]:
+ROOT = pathlib.Path(__file__).parent.parent
+DOCS = ROOT / "docs"
+PAGES = sorted(str(p.relative_to(DOCS)) for p in DOCS.rglob("*.md"))
+
+_FENCE = re.compile(
+    r"(?:<!--\s*docs-test:\s*(?P<directive>[^>]*?)\s*-->\s*\n)?"
+    r"^```(?P<lang>[\w-]*)[^\n]*\n(?P<body>.*?)^```[ \t]*$",
+    flags=re.M | re.S,
+)
+
+
+@dataclass
+class Block:
+    lang: str
+    body: str
+    directive: str  # "", "skip", "raises Name"
+    line: int
+
+
+def blocks(page: str) -> list[Block]:
     text = (DOCS / page).read_text()
-    return re.findall(r"^```python\n(.*?)^```", text, flags=re.M | re.S)
+    return [
+        Block(
+            m["lang"],
+            m["body"],
+            (m["directive"] or "").strip(),
+            text.count("\n", 0, m.start("body")) + 1,
+        )
+        for m in _FENCE.finditer(text)
+    ]
+
+
+def devices(page: str) -> int | None:
+    m = re.search(r"<!--\s*docs-test:\s*devices=(\d+)\s*-->", (DOCS / page).read_text())
+    return int(m[1]) if m else None
+
+
+def _exception(name: str) -> type[BaseException]:
+    found = getattr(adapters, name, None) or getattr(builtins, name, None)
+    assert isinstance(found, type) and issubclass(found, BaseException), name
+    return found
+
+
+def _message_matches(pattern: str, message: str) -> bool:
+    """`pattern` with `...` as a wildcard, whitespace-insensitive, matches `message`."""
+
+    def norm(s):
+        return " ".join(s.split())
+
+    pieces = [re.escape(norm(p)) for p in norm(pattern).split("...")]
+    return re.search(r".*?".join(pieces), norm(message), flags=re.S) is not None
+
+
+def run_page(page: str) -> int:
+    """Runs the page's python blocks in order in one namespace; returns how many
+    ran. Failures raise with the page and the block's line."""
+    found = blocks(page)
+    namespace: dict = {"__name__": f"docs_{page}"}
+    ran = 0
+    for i, block in enumerate(found):
+        if block.lang != "python" or block.directive == "skip":
+            continue
+        where = f"{page}:{block.line}"
+        code = compile(block.body, where, "exec")
+        if block.directive.startswith("raises"):
+            expected = _exception(block.directive.split()[1])
+            with pytest.raises(expected) as info:
+                exec(code, namespace)
+            following = found[i + 1] if i + 1 < len(found) else None
+            if following is not None and following.lang == "text":
+                assert _message_matches(following.body, str(info.value)), (
+                    f"{where}: the message shown is not the message raised.\n"
+                    f"shown:\n{following.body}\nraised:\n{info.value}"
+                )
+        else:
+            assert not block.directive, f"{where}: unknown directive {block.directive!r}"
+            exec(code, namespace)
+        ran += 1
+    return ran
 
 
 @pytest.mark.parametrize("page", PAGES)
 def test_page_runs(page, tmp_path, monkeypatch):
-    blocks = python_blocks(page)
-    assert blocks, f"{page} has no python block"
     monkeypatch.chdir(tmp_path)  # nothing a page writes lands in the repository
-    namespace: dict = {"__name__": f"docs_{page}"}
-    for i, block in enumerate(blocks):
-        code = compile(block, f"{page}[block {i}]", "exec")
-        exec(code, namespace)
+    n = devices(page)
+    if n is None:
+        run_page(page)
+        return
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import test_docs; "
+        "print('ran', test_docs.run_page(sys.argv[2]))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(pathlib.Path(__file__).parent), page],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_directives_are_known_and_skips_are_few():
+    skipped = []
+    for page in PAGES:
+        for block in blocks(page):
+            if block.directive == "skip":
+                skipped.append(f"{page}:{block.line}")
+            elif block.directive:
+                assert block.directive.startswith("raises "), (page, block.line)
+                assert block.lang == "python", (page, block.line)
+    assert len(skipped) <= 3, skipped
+
+
+def test_message_matching():
+    assert _message_matches("a ... c", "a b\n  c")
+    assert not _message_matches("a ... c", "c b a")
+
+
+def _public_names() -> list[str]:
+    names = [f"adapters.{n}" for n in adapters.__all__ if n != "testing"]
+    names += [f"adapters.testing.{n}" for n in adapters.testing.__all__]
+    return names
+
+
+def test_every_public_name_is_in_the_api_reference():
+    reference = (DOCS / "api.md").read_text()
+    documented = set(re.findall(r"^:::\s+([\w.]+)", reference, flags=re.M))
+    missing = [n for n in _public_names() if n not in documented]
+    assert not missing, f"not in docs/api.md: {missing}"
+    unknown = [n for n in documented if n not in _public_names()]
+    assert not unknown, f"docs/api.md documents what is not public: {unknown}"
+
+
+def test_every_page_is_in_the_navigation():
+    config = (ROOT / "mkdocs.yml").read_text()
+    missing = [p for p in PAGES if p not in config]
+    assert not missing, f"pages not in mkdocs.yml's nav: {missing}"
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("mkdocs") is None
+    or importlib.util.find_spec("mkdocstrings") is None,
+    reason="the docs extra is not installed (pip install -e '.[docs]')",
+)
+def test_mkdocs_build_strict(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "index.html").exists()
+    assert (tmp_path / "api" / "index.html").exists()
