@@ -9,6 +9,7 @@ import jax.tree_util as jtu
 from flax import nnx
 from jaxtyping import PyTree
 
+from . import _display
 from ._errors import AdapterError, AdapterTypeError
 from ._static import Static
 from ._variables import as_jax_arrays, spec_problems, strong, TreeSpec
@@ -136,6 +137,30 @@ class NNXToEquinox(eqx.Module):
         self._templates = Static((tuple(leaves), treedef))
         self._specs = specs
         self.trainable = trainable
+
+    def _display_fields(self) -> list[tuple[str, Any]]:
+        """What `repr` shows: the NNX module's type, the trainable arrays, the state's
+        shapes and dtypes (its arrays are in the `eqx.nn.State`)."""
+        node = self._graphdef.value.nodes[0]
+        name = getattr(node.type, "__name__", str(node.type))
+        return [
+            ("nnx_module", _display.Text(f"{name}(...)")),
+            ("trainable", self.trainable),
+            ("variables", self.variables),
+            ("state", _display.nested_shapes(self._specs[1].leaves)),
+            ("inference", self.inference),
+        ]
+
+    def __repr__(self) -> str:
+        return _display.pformat(self)
+
+    def __pdoc__(self, **kwargs: Any) -> Any:
+        return _display.pdoc(self, self._display_fields(), **kwargs)
+
+    def __treescope_repr__(self, path: str | None, subtree_renderer: Any) -> Any:
+        return _display.treescope_repr(
+            self, self._display_fields(), path, subtree_renderer
+        )
 
     def _module(self, rest: dict) -> nnx.Module:
         leaves, treedef = self._templates.value

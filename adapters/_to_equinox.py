@@ -13,6 +13,7 @@ import jax
 from flax import nnx
 from jaxtyping import PRNGKeyArray, PyTree
 
+from . import _display
 from ._errors import AdapterError, AdapterTypeError
 from ._nnx import NNXToEquinox
 from ._static import Static
@@ -402,6 +403,35 @@ class ToEquinox(eqx.Module):
     def linen_module(self) -> nn.Module:
         """The wrapped (unbound) linen module."""
         return self._module.value
+
+    def _display_fields(self) -> list[tuple[str, Any]]:
+        """What `repr` shows: the linen module, each trainable collection (arrays),
+        each state collection (shapes and dtypes: the arrays are in the state)."""
+        fields: list[tuple[str, Any]] = [("linen_module", self.linen_module)]
+        fields += list(self.variables.items())
+        fields.append(
+            (
+                "state",
+                {c: _display.nested_shapes(s.leaves) for c, s in self._state_specs},
+            )
+        )
+        fields.append(("inference", self.inference))
+        for name in ("train_kwarg", "deterministic_kwarg"):
+            if getattr(self, name):
+                fields.append((name, ", ".join(getattr(self, name))))
+        fields.append(("rng_streams", self.rng_streams))
+        return fields
+
+    def __repr__(self) -> str:
+        return _display.pformat(self)
+
+    def __pdoc__(self, **kwargs: Any) -> Any:
+        return _display.pdoc(self, self._display_fields(), **kwargs)
+
+    def __treescope_repr__(self, path: str | None, subtree_renderer: Any) -> Any:
+        return _display.treescope_repr(
+            self, self._display_fields(), path, subtree_renderer
+        )
 
     def linen_variables(self, state: eqx.nn.State) -> dict[str, PyTree]:
         """Returns the full linen variables dict: trainable collections from the

@@ -9,6 +9,7 @@ import jax
 import jax.tree_util as jtu
 from jaxtyping import PRNGKeyArray, PyTree
 
+from . import _display
 from ._errors import AdapterError, AdapterTypeError
 from ._sharding import box_variables, Partition
 from ._variables import (
@@ -170,6 +171,40 @@ class ToLinen(nn.Module):
         if initializing:
             return make(self.make_rng("params"))
         return eqx.filter_eval_shape(make, jax.random.key(0))
+
+    @nn.nowrap
+    def _display_fields(self) -> list[tuple[str, Any]]:
+        """What `repr` shows: the Equinox model (or its factory), then each linen
+        collection it becomes, with its arrays' shapes and dtypes, then the options
+        that are set."""
+        fields: list[tuple[str, Any]] = []
+        if self.model is not None:
+            fields.append(("model", self.model))
+            fields += equinox_to_variables(
+                self.model, self.state, self.state_collection, self.buffer_collection
+            ).items()
+        else:
+            fields.append(("make", self.make))
+        for name in ("vmap_axis", "axis_name", "partition"):
+            if getattr(self, name) is not None:
+                fields.append((name, getattr(self, name)))
+        fields.append(("rng_stream", self.rng_stream))
+        if isinstance(self.name, str):
+            fields.append(("name", self.name))
+        return fields
+
+    def __repr__(self) -> str:
+        return _display.pformat(self)
+
+    @nn.nowrap
+    def __pdoc__(self, **kwargs: Any) -> Any:
+        return _display.pdoc(self, self._display_fields(), **kwargs)
+
+    @nn.nowrap
+    def __treescope_repr__(self, path: str | None, subtree_renderer: Any) -> Any:
+        return _display.treescope_repr(
+            self, self._display_fields(), path, subtree_renderer
+        )
 
     def equinox_model(self, variables: PyTree) -> tuple[PyTree, eqx.nn.State | None]:
         """Gives back the Equinox model and state held by `variables`.

@@ -1,0 +1,89 @@
+"""How the wrappers print: the wrapped module, then each collection with the shapes
+and dtypes of its arrays, as Equinox prints a model (`repr`, `eqx.tree_pprint`),
+and in treescope when it is installed.
+
+A wrapper gives `fields(self)`, a list of `(name, value)` pairs; arrays print as
+`f32[3,4]` and state collections, whose arrays live in the `eqx.nn.State` and not in
+the wrapper, as shapes built from the wrapper's shape specs.
+"""
+
+from collections.abc import Iterable
+from typing import Any
+
+import equinox as eqx
+import numpy as np
+
+
+class Text:
+    """Printed as its text, without quotes: a shape `f32[3,4]`, a type `Linear(...)`."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+    def __pdoc__(self, **kwargs: Any) -> Any:
+        import wadler_lindig as wl  # Equinox's pretty-printer
+
+        return wl.TextDoc(self.text)
+
+    def __treescope_repr__(self, path: str | None, subtree_renderer: Any) -> Any:
+        from treescope import rendering_parts
+
+        return rendering_parts.build_one_line_tree_node(
+            rendering_parts.text(self.text), path
+        )
+
+
+def shape(shape: tuple[int, ...], dtype: Any) -> Text:
+    """An array's shape and dtype as Equinox prints an array: `f32[3,4]`."""
+    name = str(dtype)
+    if isinstance(dtype, np.dtype):
+        for long, short in (("float", "f"), ("uint", "u"), ("int", "i")):
+            name = name.replace(long, short)
+        name = name.replace("complex", "c")
+    return Text(f"{name}[{','.join(map(str, shape))}]")
+
+
+def nested_shapes(leaves: Iterable[tuple[str, Any]]) -> dict[str, Any]:
+    """`[("Dense_0/kernel", leaf), ...]` (a leaf has `.shape` and `.dtype`) as
+    nested dicts of shapes: `{"Dense_0": {"kernel": f32[3,4]}}`."""
+    tree: dict[str, Any] = {}
+    for path, leaf in leaves:
+        *parents, last = path.split("/") if path else [""]
+        node = tree
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = shape(leaf.shape, leaf.dtype)
+    return tree
+
+
+def pdoc(obj: Any, fields: list[tuple[str, Any]], **kwargs: Any) -> Any:
+    """`Name(field=value, ...)` for Equinox's pretty-printer, laid out as it lays
+    out an `eqx.Module`."""
+    import wadler_lindig as wl
+
+    return wl.bracketed(
+        begin=wl.TextDoc(type(obj).__name__ + "("),
+        docs=wl.named_objs(fields, **kwargs),
+        sep=wl.comma,
+        end=wl.TextDoc(")"),
+        indent=kwargs.get("indent", 2),
+    )
+
+
+def pformat(obj: Any) -> str:
+    return eqx.tree_pformat(obj)
+
+
+def treescope_repr(
+    obj: Any, fields: list[tuple[str, Any]], path: str | None, subtree_renderer: Any
+) -> Any:
+    from treescope import repr_lib
+
+    return repr_lib.render_object_constructor(
+        type(obj), dict(fields), path, subtree_renderer, roundtrippable=False
+    )
