@@ -104,7 +104,9 @@ def run_page(page: str) -> int:
                     f"shown:\n{following.body}\nraised:\n{info.value}"
                 )
         else:
-            assert not block.directive, f"{where}: unknown directive {block.directive!r}"
+            assert not block.directive, (
+                f"{where}: unknown directive {block.directive!r}"
+            )
             exec(code, namespace)
         ran += 1
     return ran
@@ -177,7 +179,15 @@ def test_every_page_is_in_the_navigation():
 )
 def test_mkdocs_build_strict(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "mkdocs",
+            "build",
+            "--strict",
+            "--site-dir",
+            str(tmp_path),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
