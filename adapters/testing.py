@@ -28,6 +28,8 @@ from ._variables import is_state_index, normalise_names, path_str
 __all__ = ["PREFIX", "assert_equivalent"]
 
 PREFIX = "[adapters.testing] "
+"""The start of every message of an `assert_equivalent` failure, so that a test
+can tell the adapter's assertion from another `AssertionError`."""
 
 _NO_AS_LINEN = """\
 `assert_equivalent` compares the Equinox model with the linen model in linen's
