@@ -1,14 +1,20 @@
 """Port a linen model to native Equinox one module at a time, proving each step.
 
 The linen model has an embedding layer, a BatchNorm, self-attention and a custom
-block (`Mixer`). We start from the whole model wrapped part by part with
-`adapters.ToEquinox`, then replace one part at a time by native Equinox layers:
+block (`Mixer`). Its parts are ported to native Equinox layers one at a time:
 standard layers through `adapters.to_native`, the custom block by an Equinox
 rewrite whose weights are moved by a converter registered with
 `adapters.register_converter`. After every replacement,
 `adapters.testing.assert_equivalent` checks the model against the original linen
 model: outputs, BatchNorm statistics, gradients and two optimiser steps, in training
-and inference. The last model holds no linen module at all.
+and inference. The migration is shown in two directions:
+
+1. Inside linen: the model stays a linen module, used by the rest of a Flax
+   codebase, and its submodules become Equinox modules one at a time, each inside
+   `adapters.ToLinen`. At the end every layer is Equinox, in a linen shell.
+2. Outside in: the model becomes an Equinox model whose parts are the linen
+   submodules wrapped with `adapters.ToEquinox`, replaced one at a time by the
+   native layers. The last model holds no linen module at all.
 
 Run: `python examples/gradual_migration.py [--quick]`
 """
@@ -176,15 +182,178 @@ def uses_linen(model) -> bool:
     )
 
 
-def main(quick: bool = False) -> list[str]:
+# --- 1. inside linen: submodules replaced by Equinox modules through ToLinen --------
+
+
+class PerPosition(eqx.Module):
+    """A per-position layer applied to a whole sequence `(length, features)`."""
+
+    layer: eqx.Module
+
+    def __call__(self, x):
+        return jax.vmap(self.layer)(x)
+
+
+class SelfAttention(eqx.Module):
+    """`eqx.nn.MultiheadAttention` with the same sequence as query, key and value."""
+
+    attention: eqx.nn.MultiheadAttention
+
+    def __call__(self, x):
+        return self.attention(x, x, x)
+
+
+class ChannelsLast(eqx.Module):
+    """A channels-first stateful layer applied to `(length, channels)`."""
+
+    layer: eqx.Module
+
+    def __call__(self, x, state):
+        y, state = self.layer(jnp.swapaxes(x, 0, 1), state)
+        return jnp.swapaxes(y, 0, 1), state
+
+
+def unwrap(model):
+    """The converted layer inside its per-example adapter."""
+    if isinstance(model, (PerPosition, ChannelsLast)):
+        return model.layer
+    return model.attention if isinstance(model, SelfAttention) else model
+
+
+def native_part(name, variables):
+    """The Equinox replacement of part `name`, per example, with its weights."""
+    layer, state = adapters.to_native(
+        LINEN_PARTS[name], part_variables(variables, name)
+    )
+    return {
+        "norm": lambda: (ChannelsLast(layer), state),
+        "attn": lambda: (SelfAttention(layer), state),
+        "head": lambda: (layer, state),  # on pooled features: one vector an example
+    }.get(name, lambda: (PerPosition(layer), state))()
+
+
+def to_linen_part(name, model, state):
+    """The Equinox part as a linen submodule: linen's batch axis mapped over;
+    deterministic, so no rng stream is passed as `key`."""
+    return adapters.ToLinen(
+        model=model,
+        state=state,
+        vmap_axis=0,
+        axis_name="batch",
+        rng_stream=None,
+        name=name,
+    )
+
+
+class LinenHybrid(nn.Module):
+    """The classifier, still a linen module, with the parts in `ported` replaced by
+    Equinox layers inside `adapters.ToLinen`."""
+
+    ported: tuple = ()  # ((name, model, state), ...)
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        ported = {name: (model, state) for name, model, state in self.ported}
+
+        def part(name):
+            if name in ported:
+                module = to_linen_part(name, *ported[name])
+                return lambda x: module(x, inference=not train)
+            layer = LINEN_PARTS[name].clone(parent=self, name=name)
+            if name == "norm":
+                return lambda x: layer(x, use_running_average=not train)
+            return (lambda x: layer(x, x)) if name == "attn" else layer
+
+        x = part("embed")(x)
+        x = part("norm")(x)
+        x = x + part("attn")(x)
+        x = part("mixer")(x)
+        return part("head")(x.mean(axis=1))
+
+
+def linen_hybrid(variables, names, x):
+    """`LinenHybrid` with `names` ported, and its variables: the original linen
+    weights for linen parts, the converted ones (held by ToLinen) for the others."""
+    ported = tuple((name, *native_part(name, variables)) for name in names)
+    module = LinenHybrid(ported)
+    hybrid = module.init(jax.random.key(0), x, train=False)  # for the layout
+    hybrid = jax.tree.map(lambda a: a, hybrid)  # plain dicts, a copy of the tree
+    for collection, tree in variables.items():
+        for name, sub in tree.items():
+            if name not in names:
+                hybrid[collection][name] = sub
+    return module, hybrid
+
+
+def hybrid_as_linen(module):
+    """The hybrid's arrays in the original model's layout (also for gradients)."""
+    ported = {name: to_linen_part(name, m, s) for name, m, s in module.ported}
+
+    def as_linen(model, state):
+        hybrid = model.linen_variables(state)
+        variables = {c: dict(tree) for c, tree in hybrid.items()}
+        for name, part in ported.items():
+            own = {c: tree[name] for c, tree in hybrid.items() if name in tree}
+            wrapper, part_state = part.equinox_model(own)
+            layer = unwrap(wrapper)
+            for c in hybrid:
+                variables[c].pop(name, None)
+            for c, tree in adapters.from_native(layer, part_state)[1].items():
+                variables.setdefault(c, {})[name] = tree
+        return variables
+
+    return as_linen
+
+
+def migrate_inside_linen(quick: bool = False) -> list[str]:
     x = jax.random.normal(jax.random.key(0), (8, 5, 4))
     variables = Classifier().init(jax.random.key(1), x, train=False)
+    print("1. inside linen: submodules become Equinox modules through ToLinen")
     done: list[str] = []
     for step, name in enumerate([None, *PARTS]):
         if name is not None:
             done.append(name)
-        if quick and 0 < step < len(PARTS) - 1:
-            continue  # quick: the first, the last but one and the last step
+        if quick and 0 < step < len(PARTS):
+            continue  # quick: the first and the last step
+        module, hybrid = linen_hybrid(variables, done, x)
+        # The hybrid is a linen module like any other: check it against the
+        # original, through its Equinox form (the same apply).
+        model, state = adapters.to_equinox(
+            module, x, variables=hybrid, train_kwarg="train"
+        )
+        adapters.testing.assert_equivalent(
+            Classifier(),
+            variables,
+            model,
+            state,
+            x,
+            train_kwarg="train",
+            as_linen=hybrid_as_linen(module),
+            optimizer=optax.sgd(0.05),
+            steps=2,
+            rtol=1e-4,
+            atol=1e-5,
+        )
+        ported = ", ".join(done) or "none"
+        print(f"step {step}: Equinox parts [{ported}]: equivalent to the linen model")
+    kinds = {name: type(unwrap(model)).__name__ for name, model, _ in module.ported}
+    print("the linen shell holds:", kinds)
+    return done
+
+
+# --- 2. outside in: an Equinox model of wrapped linen parts, made native ------------
+
+
+def migrate_outside_in(quick: bool = False) -> list[str]:
+    x = jax.random.normal(jax.random.key(0), (8, 5, 4))
+    variables = Classifier().init(jax.random.key(1), x, train=False)
+    print("2. outside in: linen parts wrapped in Equinox, replaced by native layers")
+    done: list[str] = []
+    for step, name in enumerate([None, *PARTS]):
+        if name is not None:
+            done.append(name)
+        if quick and 0 < step < len(PARTS):
+            continue  # quick: the first and the last step
         model, state = build(variables, done)
         adapters.testing.assert_equivalent(
             Classifier(),
@@ -208,6 +377,12 @@ def main(quick: bool = False) -> list[str]:
         {name: type(part).__name__ for name, part in model.parts.items()},
     )
     return done
+
+
+def main(quick: bool = False) -> tuple[list[str], list[str]]:
+    inside = migrate_inside_linen(quick)
+    print()
+    return inside, migrate_outside_in(quick)
 
 
 if __name__ == "__main__":
