@@ -12,7 +12,7 @@ from jaxtyping import PyTree
 from . import _display
 from ._errors import AdapterError, AdapterTypeError
 from ._static import Static
-from ._variables import as_jax_arrays, spec_problems, strong, TreeSpec
+from ._variables import as_jax_arrays, path_str, spec_problems, strong, TreeSpec
 
 
 _NOT_SPLITTABLE = """\
@@ -42,10 +42,17 @@ _PARAMS_CHANGED = """\
 During the call, the NNX module assigned new values to trainable variables:
 {paths}
 Trainable variables are the Equinox model's own arrays and cannot be updated by a
-call (a call returns only `(out, state)`). If these variables are state (e.g.
-statistics), make them non-trainable: `adapters.to_equinox(module,
-trainable=nnx.Param)` keeps only `nnx.Param`s trainable; use another `nnx.Variable`
-type for the state.\
+call (a call returns only `(out, state)`), and the adapter will not drop the update.
+If these variables are state (e.g. statistics), make them non-trainable: declare
+them in the module with a non-trainable `nnx.Variable` type (`nnx.BatchStat`, or a
+subclass of `nnx.Variable` of your own), or leave them out of the `trainable=`
+filter, e.g. `trainable=nnx.All(nnx.Param, nnx.Not(nnx.PathContains({name!r})))`.\
+"""
+
+_BAD_FILTER = """\
+`trainable` must be an NNX filter: a `nnx.Variable` type such as `nnx.Param`, a
+tuple of them, or a filter such as `nnx.All(nnx.Param, nnx.Not(nnx.PathContains(
+'w')))`; got {got!r} ({type}). ({err})\
 """
 
 
@@ -57,7 +64,7 @@ def _same_leaves(a: PyTree, b: PyTree) -> list[str]:
     """Paths of `b` whose leaf is not the very array of `a` at the same path."""
     flat_a = dict(jtu.tree_flatten_with_path(a)[0])
     return [
-        jtu.keystr(path)
+        path_str(path)
         for path, leaf in jtu.tree_flatten_with_path(b)[0]
         if flat_a.get(path) is not leaf
     ]
@@ -111,6 +118,14 @@ class NNXToEquinox(eqx.Module):
                 "`adapters.NNXToEquinox` wraps a `flax.nnx.Module`, but got "
                 f"{type(module).__qualname__}."
             )
+        try:
+            nnx.filterlib.to_predicate(trainable)
+        except Exception as err:
+            raise AdapterTypeError(
+                _BAD_FILTER.format(
+                    got=trainable, type=type(trainable).__name__, err=err
+                )
+            ) from None
         try:
             if jtu.tree_leaves(nnx.state(module, nnx.Intermediate)):
                 # Values sown in earlier native calls are per call, not state (see
@@ -258,7 +273,12 @@ class NNXToEquinox(eqx.Module):
         new_params = _pure(params)
         changed = _same_leaves(self.variables, new_params)
         if changed:
-            raise AdapterError(_PARAMS_CHANGED.format(paths="\n".join(changed)))
+            raise AdapterError(
+                _PARAMS_CHANGED.format(
+                    paths="\n".join(f"  variables/{p}" for p in changed),
+                    name=changed[0].rsplit("/", 1)[-1],
+                )
+            )
         new_rest = _pure(new_rest)
         problems = spec_problems(
             self._specs[1], TreeSpec.of(new_rest, "state"), "state", "new variable"

@@ -89,12 +89,17 @@ def named_shardings(tree: PyTree, mesh: Mesh, rules: Rules | None = None) -> PyT
     `eqx.filter(tree, eqx.is_array)`.
     """
     specs = partition_specs(tree, rules)
-    for axis in {a for s in jtu.tree_leaves(specs) for a in _axes(s)}:
-        if axis not in mesh.axis_names:
+    is_spec = lambda s: isinstance(s, PartitionSpec)  # noqa: E731
+    flat = jtu.tree_flatten_with_path(specs, is_leaf=is_spec)[0]
+    for path, spec in flat:
+        unknown = [a for a in _axes(spec) if a not in mesh.axis_names]
+        if unknown:
+            where = "/".join(path_keys(path))
             raise AdapterError(
-                f"A partition spec names mesh axis {axis!r}, but the mesh has axes "
-                f"{mesh.axis_names}. Build the mesh with that axis, or map the "
-                "names with `rules=` (logical axis rules)."
+                f"The partition spec {spec} of {where!r} names mesh axis "
+                f"{unknown[0]!r}, but the mesh has axes {mesh.axis_names}. Build the "
+                "mesh with that axis, or map the names with `rules=` (logical axis "
+                "rules)."
             )
     return jtu.tree_map(
         lambda s: NamedSharding(mesh, s),
@@ -160,7 +165,9 @@ def box_variables(variables: Mapping[str, dict], partition: Partition) -> dict:
         if len(spec) > x.ndim:
             raise AdapterError(
                 f"The partition of {'/'.join(keys)!r} is {spec}, with more entries "
-                f"than the array has axes (shape {tuple(x.shape)})."
+                f"than the array has axes (shape {tuple(x.shape)}). Give it one entry "
+                "(a mesh axis name or `None`) per array axis at most, or `None` to "
+                "replicate it."
             )
         names = tuple(spec) + (None,) * (x.ndim - len(spec))
         return nn.Partitioned(x, names)

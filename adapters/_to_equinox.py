@@ -56,15 +56,25 @@ The state was probably made for another model (or edited by hand). Pass the stat
 that `adapters.to_equinox(...)` returned together with this model.\
 """
 
-_GROWN_STATE = """\
-During the call, the linen module changed the shape of collection {collection!r}:
+_CHANGED_STATE = """\
+During the call, the linen module changed collection {collection!r}:
 {problems}
 An `eqx.nn.State` has a fixed structure, shape and dtype, so it cannot hold this
-update, and the adapter will not drop it. If the collection grows on every call (for
-example values stored with `self.sow`), declare it per call at construction,
-`adapters.to_equinox(..., per_call={per_call!r})`, and ask for it
-at call time with `(out, captured), state = model(x, state, capture=({collection!r},))`.
-If a dtype changed, make the module keep its variables' dtype.\
+update, and the adapter will not drop it. {fix}\
+"""
+
+_FIX_GROWN = """\
+If the collection grows on every call (for example
+values stored with `self.sow`), declare it per call at construction,
+`adapters.to_equinox(..., per_call={per_call!r})`, and ask for it at
+call time with `(out, captured), state = model(x, state, capture=({collection!r},))`.\
+"""
+
+_FIX_RESHAPED = """\
+Make the module keep each variable's shape and dtype:
+a variable created at init must have the shape and dtype that later calls write (for
+a cache, initialise with example arguments shaped like the call's inputs; for a
+dtype, cast the update back to the variable's dtype).\
 """
 
 _NEEDS_KEY = """\
@@ -95,6 +105,16 @@ collection only during apply, ask for it with
 persist between calls (like `batch_stats`), it belongs in the state: wrap variables
 that hold it (all of linen's init output, not only `params`), or initialise with
 example arguments that take the code path creating it.\
+"""
+
+_TRAINABLE_WRITE = """\
+The linen module tried to update a variable in collection {collection!r}, which this
+wrapper holds as trainable array leaves (`trainable={trainable!r}`) ({detail}).
+Trainable collections are read-only during a call, as `params` are in linen, so
+the update cannot be kept, and the adapter will not drop it. If the collection is
+state that the module updates (like `batch_stats`), leave it out of `trainable=` so
+that it lives in the `eqx.nn.State`; or call in inference mode, where the module
+does not update it.\
 """
 
 
@@ -641,14 +661,19 @@ class ToEquinox(eqx.Module):
             flax.errors.ScopeCollectionNotFound,
             flax.errors.ModifyScopeVariableError,
         ) as err:
-            raise AdapterError(
-                _IMMUTABLE.format(
-                    collection=_quoted(err, "collection"),
+            collection = _quoted(err, "collection")
+            if collection in self.variables:
+                message = _TRAINABLE_WRITE.format(
+                    collection=collection, trainable=tuple(self.variables), detail=err
+                )
+            else:
+                message = _IMMUTABLE.format(
+                    collection=collection,
                     detail=err,
                     state=tuple(held),
                     trainable=tuple(self.variables),
                 )
-            ) from err
+            raise AdapterError(message) from err
         out, updates = result if mutable else (result, {})
 
         for collection, spec in self._state_specs:
@@ -666,11 +691,16 @@ class ToEquinox(eqx.Module):
                 spec, TreeSpec.of(new, collection), collection, "new entry"
             )
             if problems:
+                grown = any(": new entry" in p for p in problems)
+                fix = _FIX_GROWN if grown else _FIX_RESHAPED
                 raise AdapterError(
-                    _GROWN_STATE.format(
+                    _CHANGED_STATE.format(
                         collection=collection,
                         problems="\n".join(problems),
-                        per_call=("intermediates", collection),
+                        fix=fix.format(
+                            collection=collection,
+                            per_call=("intermediates", collection),
+                        ),
                     )
                 )
             state = state.set(self.state_indices[collection], strong(new))

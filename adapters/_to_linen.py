@@ -1,5 +1,6 @@
 """An Equinox model inside linen: `ToLinen` and `to_linen`."""
 
+import re
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -32,6 +33,15 @@ its state unmapped, but the model computed a different state update for each
 example. Give the model's stateful layers the `axis_name` that `ToLinen` maps over
 (e.g. `eqx.nn.BatchNorm(..., axis_name={axis_name!r})` with
 `ToLinen(..., axis_name={axis_name!r})`), so that they reduce across the batch.\
+"""
+
+
+_UNBOUND_AXIS = """\
+The Equinox model reduces over axis name {name!r} (e.g. an `eqx.nn.BatchNorm(...,
+axis_name={name!r})`), but this `ToLinen` does not map over an axis of that name
+(`vmap_axis={axis}`, `axis_name={axis_name!r}`). Name linen's batch axis as the
+model's layers do: `ToLinen(..., vmap_axis=0, axis_name={name!r})`, or
+`adapters.to_linen(model, state, vmap_axis=0, axis_name={name!r})`.\
 """
 
 
@@ -352,6 +362,13 @@ class ToLinen(nn.Module):
         )
         try:
             return mapped(args, keys)
+        except NameError as err:
+            found = re.search(r"unbound axis name: (.+?)\.", str(err))
+            if found is None:
+                raise
+            raise AdapterError(
+                _UNBOUND_AXIS.format(name=found[1], axis=axis, axis_name=self.axis_name)
+            ) from err
         except ValueError as err:
             if "out_axes" not in str(err):
                 raise

@@ -161,7 +161,11 @@ def abstract_leaf(x: Any, where: str) -> Leaf:
     if is_box(x):
         inner = jtu.tree_leaves(x)
         if len(inner) != 1:
-            raise AdapterTypeError(f"{where}: a partitioning box must hold one array.")
+            raise AdapterTypeError(
+                f"{where}: a partitioning box must hold one array, but this "
+                f"{type(x).__name__} holds {len(inner)} leaves. Use one box per "
+                "array, e.g. `nn.Partitioned(kernel, names=(None, 'model'))`."
+            )
         x = inner[0]
     if hasattr(x, "shape") and hasattr(x, "dtype"):
         return Leaf(tuple(x.shape), _dtype(x.dtype))
@@ -262,7 +266,8 @@ def spec_problems(
     if not problems and expected.treedef != got.treedef:
         problems.append(
             f"  {collection}: same entries but a different tree structure (for "
-            f"example a partitioning box, or a tuple in place of a list): expected "
+            f"example a list or dict where the model has a tuple, as a checkpoint "
+            f"restored without a target gives, or a partitioning box): expected "
             f"{expected.treedef}, got {got.treedef}"
         )
     return problems
@@ -392,7 +397,9 @@ def variables_to_equinox(
             f"{where} do not fit the Equinox model:\n"
             + "\n".join(problems)
             + "\nPass the variables made for this model (by `adapters.to_linen` or "
-            "its linen `init`)."
+            "its linen `init`). Restore a checkpoint with a target, the abstract "
+            "variables `adapters.to_linen(*eqx.filter_eval_shape(make_model))[1]`, "
+            "so that it keeps the model's tree structure."
         )
     flat, treedef = jtu.tree_flatten_with_path(skeleton, is_leaf=is_state_index)
     leaves, markers, values = [], [], []

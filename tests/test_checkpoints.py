@@ -439,8 +439,10 @@ def test_to_linen_variables_checkpoint(fmt, getkey):
     raw = fmt.restore("trained")
     got = raw["batch_stats"]["norm"]["batch_state_index"]
     assert isinstance(got, dict if isinstance(fmt, Msgpack) else list)
-    with pytest.raises(adapters.AdapterError, match="different tree structure"):
+    with pytest.raises(adapters.AdapterError, match="different tree structure") as e:
         linen_block.equinox_model(raw)
+    assert "restored without a target" in str(e.value)
+    assert "Restore a checkpoint with a target" in str(e.value)
 
 
 # ---------------------------------------------------------------------------

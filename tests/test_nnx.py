@@ -840,7 +840,8 @@ def test_assigning_a_trainable_variable():
         model(x, state)
     message = str(err.value)
     assert "assigned new values to trainable variables" in message
-    assert "['w']" in message
+    assert "  variables/w\n" in message  # the path, as the model's `variables`
+    assert "nnx.Not(nnx.PathContains('w'))" in message  # the filter that fixes it
     # As the message says: as state (not trainable), the call is the native one.
     native = nnx.clone(module)
     model, state = adapters.to_equinox(module, trainable=nnx.Nothing)
@@ -858,6 +859,14 @@ class SharedVariable(nnx.Module):
 
     def __call__(self, x):
         return x * self.a[...] + self.b[...]
+
+
+@pytest.mark.parametrize("bad", [3, 0.5])
+def test_trainable_that_is_not_a_filter(bad):
+    with pytest.raises(TypeError, match="`trainable` must be an NNX filter") as err:
+        adapters.to_equinox(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), trainable=bad)
+    assert isinstance(err.value, adapters.AdapterError)
+    assert f"got {bad!r} ({type(bad).__name__})" in str(err.value)
 
 
 def test_module_that_cannot_be_split():

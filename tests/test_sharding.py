@@ -110,8 +110,10 @@ def test_named_shardings_unknown_axis(getkey):
     x = jnp.ones((4, 3))
     model, _ = adapters.to_equinox(Partitioned(), x, key=getkey(), train_kwarg="train")
     mesh = Mesh(np.array(jax.devices()[:1]), ("batch",))
-    with pytest.raises(adapters.AdapterError, match="mesh axis 'model'"):
+    with pytest.raises(adapters.AdapterError, match="mesh axis 'model'") as info:
         adapters.named_shardings(model, mesh)
+    # Which array's spec, by path.
+    assert "'variables/params/Dense_0/kernel/value'" in str(info.value)
 
 
 def test_to_linen_partition_function(getkey):
@@ -177,8 +179,9 @@ def test_factory_partition_boxes_at_init(getkey):
 
 def test_partition_errors(getkey):
     linear = eqx.nn.Linear(3, 4, key=getkey())
-    with pytest.raises(adapters.AdapterError, match="more entries than the array"):
+    with pytest.raises(adapters.AdapterError, match="more entries than the array") as e:
         adapters.to_linen(linear, partition=lambda p, s: ("a", "b", "c"))
+    assert "one entry (a mesh axis name or `None`) per array axis" in str(e.value)
     with pytest.raises(TypeError, match="PartitionSpec"):
         adapters.to_linen(linear, partition=lambda p, s: "model")
     with pytest.raises(TypeError, match="weight"):

@@ -86,7 +86,36 @@ def test_state_update_needs_mutable(getkey):
 def test_per_example_state_without_axis_name(getkey):
     bn, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(3, "batch", mode="batch")
     module, variables = adapters.to_linen(bn, state, vmap_axis=0)  # no axis_name
-    with pytest.raises(Exception, match="batch"):
+    x = jr.normal(getkey(), (4, 3))
+    with pytest.raises(adapters.AdapterError, match="reduces over axis name 'batch'"):
+        module.apply(variables, x, mutable=True)
+    # The fix the message gives: name the axis as the layer does.
+    module, variables = adapters.to_linen(bn, state, vmap_axis=0, axis_name="batch")
+    out, _ = module.apply(variables, x, mutable=True)
+    native, _ = jax.vmap(bn, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(
+        x, state
+    )
+    chex.assert_trees_all_close(out, native)
+
+
+class PerExampleCounter(eqx.Module):
+    """Stateful, but its update depends on the example: no batch reduction."""
+
+    index: eqx.nn.StateIndex
+
+    def __init__(self):
+        self.index = eqx.nn.StateIndex(jnp.zeros(3))
+
+    def __call__(self, x, state):
+        return x, state.set(self.index, state.get(self.index) + x)
+
+
+def test_per_example_state_update_is_refused(getkey):
+    model, state = eqx.nn.make_with_state(PerExampleCounter)()
+    module, variables = adapters.to_linen(model, state, vmap_axis=0, axis_name="batch")
+    with pytest.raises(
+        adapters.AdapterError, match=r"different state update for each\sexample"
+    ):
         module.apply(variables, jr.normal(getkey(), (4, 3)), mutable=True)
 
 
