@@ -2,7 +2,8 @@
 and dtypes of its arrays, as Equinox prints a model (`repr`, `eqx.tree_pprint`),
 and in treescope when it is installed.
 
-A wrapper gives `fields(self)`, a list of `(name, value)` pairs; arrays print as
+A wrapper inherits `Displayed` and gives `_display_fields()`, a list of
+`(name, value)` pairs; arrays print as
 `f32[3,4]` and state collections, whose arrays live in the `eqx.nn.State` and not in
 the wrapper, as shapes built from the wrapper's shape specs.
 """
@@ -61,29 +62,36 @@ def nested_shapes(leaves: Iterable[tuple[str, Any]]) -> dict[str, Any]:
     return tree
 
 
-def pdoc(obj: Any, fields: list[tuple[str, Any]], **kwargs: Any) -> Any:
-    """`Name(field=value, ...)` for Equinox's pretty-printer, laid out as it lays
-    out an `eqx.Module`."""
-    import wadler_lindig as wl
+class Displayed:
+    """A mixin for the wrappers: `repr` (through Equinox's pretty-printer, so also
+    `eqx.tree_pprint` and nesting in a larger model) and treescope show
+    `self._display_fields()`, a list of `(name, value)` pairs."""
 
-    return wl.bracketed(
-        begin=wl.TextDoc(type(obj).__name__ + "("),
-        docs=wl.named_objs(fields, **kwargs),
-        sep=wl.comma,
-        end=wl.TextDoc(")"),
-        indent=kwargs.get("indent", 2),
-    )
+    def _display_fields(self) -> list[tuple[str, Any]]:
+        raise NotImplementedError
 
+    def __repr__(self) -> str:
+        return eqx.tree_pformat(self)
 
-def pformat(obj: Any) -> str:
-    return eqx.tree_pformat(obj)
+    def __pdoc__(self, **kwargs: Any) -> Any:
+        """`Name(field=value, ...)`, laid out as Equinox lays out an `eqx.Module`."""
+        import wadler_lindig as wl
 
+        return wl.bracketed(
+            begin=wl.TextDoc(type(self).__name__ + "("),
+            docs=wl.named_objs(self._display_fields(), **kwargs),
+            sep=wl.comma,
+            end=wl.TextDoc(")"),
+            indent=kwargs.get("indent", 2),
+        )
 
-def treescope_repr(
-    obj: Any, fields: list[tuple[str, Any]], path: str | None, subtree_renderer: Any
-) -> Any:
-    from treescope import repr_lib
+    def __treescope_repr__(self, path: str | None, subtree_renderer: Any) -> Any:
+        from treescope import repr_lib
 
-    return repr_lib.render_object_constructor(
-        type(obj), dict(fields), path, subtree_renderer, roundtrippable=False
-    )
+        return repr_lib.render_object_constructor(
+            type(self),
+            dict(self._display_fields()),
+            path,
+            subtree_renderer,
+            roundtrippable=False,
+        )

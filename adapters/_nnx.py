@@ -70,7 +70,7 @@ def _same_leaves(a: PyTree, b: PyTree) -> list[str]:
     ]
 
 
-class NNXToEquinox(eqx.Module):
+class NNXToEquinox(_display.Displayed, eqx.Module):
     """A Flax NNX module as an Equinox module with explicit state.
 
     The NNX module's trainable variables (by default its `nnx.Param`s) are the
@@ -165,17 +165,6 @@ class NNXToEquinox(eqx.Module):
             ("state", _display.nested_shapes(self._specs[1].leaves)),
             ("inference", self.inference),
         ]
-
-    def __repr__(self) -> str:
-        return _display.pformat(self)
-
-    def __pdoc__(self, **kwargs: Any) -> Any:
-        return _display.pdoc(self, self._display_fields(), **kwargs)
-
-    def __treescope_repr__(self, path: str | None, subtree_renderer: Any) -> Any:
-        return _display.treescope_repr(
-            self, self._display_fields(), path, subtree_renderer
-        )
 
     def _module(self, rest: dict) -> nnx.Module:
         leaves, treedef = self._templates.value

@@ -203,7 +203,7 @@ def _quoted(err: Exception, before: str) -> str:
     return match.group(1) if match else "?"
 
 
-class ToEquinox(eqx.Module):
+class ToEquinox(_display.Displayed, eqx.Module):
     """A Flax linen module as an Equinox module with explicit state.
 
     Trainable collections (by default `params`) are ordinary array leaves of the
@@ -441,17 +441,6 @@ class ToEquinox(eqx.Module):
                 fields.append((name, ", ".join(getattr(self, name))))
         fields.append(("rng_streams", self.rng_streams))
         return fields
-
-    def __repr__(self) -> str:
-        return _display.pformat(self)
-
-    def __pdoc__(self, **kwargs: Any) -> Any:
-        return _display.pdoc(self, self._display_fields(), **kwargs)
-
-    def __treescope_repr__(self, path: str | None, subtree_renderer: Any) -> Any:
-        return _display.treescope_repr(
-            self, self._display_fields(), path, subtree_renderer
-        )
 
     def linen_variables(self, state: eqx.nn.State) -> dict[str, PyTree]:
         """Returns the full linen variables dict: trainable collections from the

@@ -74,7 +74,7 @@ def _as_model_and_state(result: Any, where: str) -> tuple[PyTree, eqx.nn.State |
     return eqx.nn.delete_init_state(model), state
 
 
-class ToLinen(nn.Module):
+class ToLinen(_display.Displayed, nn.Module):
     """An Equinox model as a Flax linen module.
 
     The model's inexact arrays become the `params` collection, as a nested dict
@@ -202,19 +202,6 @@ class ToLinen(nn.Module):
         if isinstance(self.name, str):
             fields.append(("name", self.name))
         return fields
-
-    def __repr__(self) -> str:
-        return _display.pformat(self)
-
-    @nn.nowrap
-    def __pdoc__(self, **kwargs: Any) -> Any:
-        return _display.pdoc(self, self._display_fields(), **kwargs)
-
-    @nn.nowrap
-    def __treescope_repr__(self, path: str | None, subtree_renderer: Any) -> Any:
-        return _display.treescope_repr(
-            self, self._display_fields(), path, subtree_renderer
-        )
 
     def equinox_model(self, variables: PyTree) -> tuple[PyTree, eqx.nn.State | None]:
         """Gives back the Equinox model and state held by `variables`.
