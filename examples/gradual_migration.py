@@ -182,6 +182,38 @@ def uses_linen(model) -> bool:
     )
 
 
+def original():
+    """The linen model's input and its variables: the reference of every check."""
+    x = jax.random.normal(jax.random.key(0), (8, 5, 4))
+    return x, Classifier().init(jax.random.key(1), x, train=False)
+
+
+def steps(quick: bool):
+    """`(step, parts ported so far)` after each replacement; quick: the first and
+    the last step only."""
+    for step in range(len(PARTS) + 1):
+        if not quick or step in (0, len(PARTS)):
+            yield step, list(PARTS[:step])
+
+
+def check(variables, model, state, x, as_linen):
+    """The candidate computes what the original linen model computes: outputs,
+    BatchNorm statistics, gradients, two SGD steps, training and inference."""
+    adapters.testing.assert_equivalent(
+        Classifier(),
+        variables,
+        model,
+        state,
+        x,
+        train_kwarg="train",
+        as_linen=as_linen,
+        optimizer=optax.sgd(0.05),
+        steps=2,
+        rtol=1e-4,
+        atol=1e-5,
+    )
+
+
 # --- 1. inside linen: submodules replaced by Equinox modules through ToLinen --------
 
 
@@ -306,34 +338,16 @@ def hybrid_as_linen(module):
 
 
 def migrate_inside_linen(quick: bool = False) -> list[str]:
-    x = jax.random.normal(jax.random.key(0), (8, 5, 4))
-    variables = Classifier().init(jax.random.key(1), x, train=False)
+    x, variables = original()
     print("1. inside linen: submodules become Equinox modules through ToLinen")
-    done: list[str] = []
-    for step, name in enumerate([None, *PARTS]):
-        if name is not None:
-            done.append(name)
-        if quick and 0 < step < len(PARTS):
-            continue  # quick: the first and the last step
+    for step, done in steps(quick):
         module, hybrid = linen_hybrid(variables, done, x)
         # The hybrid is a linen module like any other: check it against the
         # original, through its Equinox form (the same apply).
         model, state = adapters.to_equinox(
             module, x, variables=hybrid, train_kwarg="train"
         )
-        adapters.testing.assert_equivalent(
-            Classifier(),
-            variables,
-            model,
-            state,
-            x,
-            train_kwarg="train",
-            as_linen=hybrid_as_linen(module),
-            optimizer=optax.sgd(0.05),
-            steps=2,
-            rtol=1e-4,
-            atol=1e-5,
-        )
+        check(variables, model, state, x, hybrid_as_linen(module))
         ported = ", ".join(done) or "none"
         print(f"step {step}: Equinox parts [{ported}]: equivalent to the linen model")
     kinds = {name: type(unwrap(model)).__name__ for name, model, _ in module.ported}
@@ -345,29 +359,11 @@ def migrate_inside_linen(quick: bool = False) -> list[str]:
 
 
 def migrate_outside_in(quick: bool = False) -> list[str]:
-    x = jax.random.normal(jax.random.key(0), (8, 5, 4))
-    variables = Classifier().init(jax.random.key(1), x, train=False)
+    x, variables = original()
     print("2. outside in: linen parts wrapped in Equinox, replaced by native layers")
-    done: list[str] = []
-    for step, name in enumerate([None, *PARTS]):
-        if name is not None:
-            done.append(name)
-        if quick and 0 < step < len(PARTS):
-            continue  # quick: the first and the last step
+    for step, done in steps(quick):
         model, state = build(variables, done)
-        adapters.testing.assert_equivalent(
-            Classifier(),
-            variables,
-            model,
-            state,
-            x,
-            train_kwarg="train",
-            as_linen=as_linen,
-            optimizer=optax.sgd(0.05),
-            steps=2,
-            rtol=1e-4,
-            atol=1e-5,
-        )
+        check(variables, model, state, x, as_linen)
         native = ", ".join(done) or "none"
         print(f"step {step}: native parts [{native}]: equivalent to the linen model")
     assert not uses_linen(model)
