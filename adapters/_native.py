@@ -1,14 +1,18 @@
 """Native migration: linen layers converted to real Equinox layers with their
 weights, and back, through a public registry of converter pairs."""
 
+import contextlib
+import contextvars
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import equinox as eqx
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
+from flax.linen import dtypes as linen_dtypes
 from jaxtyping import PyTree
 
 from ._errors import AdapterError, AdapterTypeError
@@ -43,7 +47,7 @@ layer types:
         from_native=lambda layer, state, convert: ...,  # (linen module, variables)
     )
 
-(`convert` converts a sublayer, for layers made of other layers.) Registered linen
+(`convert` converts a sublayer, for layers made of other layers.) Registered {kind}
 types: {registered}.\
 """
 
@@ -110,22 +114,48 @@ def register_converter(
     _BY_EQUINOX[equinox_type] = converter
 
 
+def _qualified(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
 def _find(table: dict[type, Converter], obj: Any, kind: str) -> Converter:
     for cls in type(obj).__mro__:
         if cls in table:
             return table[cls]
     linen = type(obj).__name__ if kind == "linen" else "MyLinenLayer"
     equinox = type(obj).__name__ if kind == "Equinox" else "MyEquinoxLayer"
-    registered = ", ".join(sorted(t.__name__ for t in _BY_LINEN)) or "none"
+    # The types of the table searched: linen types for `to_native`, Equinox types
+    # for `from_native`.
+    registered = ", ".join(sorted(t.__name__ for t in table)) or "none"
     raise AdapterError(
         _UNREGISTERED.format(
             kind=kind,
-            name=f"{type(obj).__module__}.{type(obj).__qualname__}",
+            name=_qualified(obj),
             linen=linen,
             equinox=equinox,
             registered=registered,
         )
     )
+
+
+# Where in the layer being converted a sublayer sits (`layers_1` in an
+# nn.Sequential, `.layers[1]` in an eqx.nn.Sequential), for error messages.
+_PATH: contextvars.ContextVar[str] = contextvars.ContextVar("_PATH", default="")
+
+
+@contextlib.contextmanager
+def _inside(step: str) -> Iterator[None]:
+    token = _PATH.set(_PATH.get() + step)
+    try:
+        yield
+    finally:
+        _PATH.reset(token)
+
+
+def _at(layer: str) -> str:
+    """`layer`, and where it sits when it is a sublayer."""
+    path = _PATH.get().lstrip("/")
+    return f"{layer} at `{path}`" if path else layer
 
 
 def to_native(
@@ -139,7 +169,7 @@ def to_native(
     (`nn.Sequential` of registered layers becomes `eqx.nn.Sequential`). The result
     is a plain Equinox module: no linen at run time. Equinox layers are per example
     (and channels-first for convolutions): see the migration guide for each pair's
-    input layout.
+    input layout. The weights keep their dtype (`param_dtype`).
 
     !!! Example
 
@@ -151,15 +181,29 @@ def to_native(
     **Returns:**
 
     `(layer, state)`: `state` is an `eqx.nn.State` for stateful layers, else `None`.
+    As with `eqx.nn.make_with_state`, the state's entries are named by their place
+    in the layer, so two conversions of the same layer give interchangeable layers
+    and states.
 
     **Raises:**
 
     [`adapters.AdapterError`][] for an unregistered layer type (with how to
-    register one), or a layer option that has no Equinox equivalent.
+    register one), variables that do not match the layer, or a layer option that
+    has no Equinox equivalent, such as a computation `dtype=` other than `None`
+    (linen casts to it; Equinox layers compute in the dtype of their weights and
+    inputs).
     """
     if not isinstance(module, nn.Module):
+        hint = (
+            " That is an Equinox layer: `adapters.from_native(layer, state)` "
+            "converts it to linen."
+            if isinstance(module, eqx.Module)
+            else " Pass an unbound linen layer, such as `nn.Dense(4)`, and its "
+            "variables."
+        )
         raise AdapterTypeError(
-            f"`adapters.to_native` converts linen layers; got {type(module).__name__}."
+            "`adapters.to_native` converts linen layers (`flax.linen.Module`); got "
+            f"{_qualified(module)}.{hint}"
         )
     layer = _to_native(module, as_collections(variables, "`variables`"))
     # Arrays made from Python scalars are weakly typed; state updates are not.
@@ -172,7 +216,10 @@ def to_native(
     )
     if not stateful:
         return layer, None
-    return eqx.nn.delete_init_state(layer), eqx.nn.State(layer)
+    # `make_with_state` names each StateIndex by its path in the layer (a bare
+    # StateIndex has an anonymous marker, which neither prints nor matches the
+    # marker of another conversion of the same layer).
+    return eqx.nn.make_with_state(lambda: layer)()
 
 
 def _to_native(module: nn.Module, variables: dict) -> eqx.Module:
@@ -183,7 +230,9 @@ def from_native(
     layer: eqx.Module, state: eqx.nn.State | None = None
 ) -> tuple[nn.Module, dict]:
     """Converts a native Equinox layer (and its state) to a linen layer and its
-    variables: the inverse of [`adapters.to_native`][], bit-exact.
+    variables: the inverse of [`adapters.to_native`][], bit-exact. The linen layer's
+    `param_dtype` is the dtype of the weights, so its `init` makes variables like
+    these.
 
     **Returns:**
 
@@ -194,6 +243,12 @@ def from_native(
     [`adapters.AdapterError`][] for an unregistered layer type, or an option with
     no linen equivalent.
     """
+    if isinstance(layer, nn.Module):
+        raise AdapterTypeError(
+            "`adapters.from_native` converts Equinox layers (`equinox.Module`); got "
+            f"{_qualified(layer)}. That is a linen layer: "
+            "`adapters.to_native(module, variables)` converts it to Equinox."
+        )
 
     def convert(sublayer):
         return _find(_BY_EQUINOX, sublayer, "Equinox").from_native(
@@ -203,9 +258,36 @@ def from_native(
     return convert(layer)
 
 
-def unsupported(layer: str, option: str, value: Any, why: str) -> AdapterError:
+_WRAP = (
+    "Keep this layer wrapped with `adapters.ToEquinox` instead: it runs linen's own "
+    "code, so every option works"
+)
+_KEEP = (
+    "Keep this layer as it is, inside linen through `adapters.ToLinen`, instead "
+    "of converting it"
+)
+
+
+def _show(option: str, value: Any) -> str:
+    if option.endswith(("dtype", "element_type")) and value is not None:
+        try:
+            return f"jnp.{jnp.dtype(value).name}"
+        except (TypeError, ValueError):
+            pass
+    return repr(value)
+
+
+def unsupported(
+    layer: str, option: str, value: Any, why: str, fix: str | None = None
+) -> AdapterError:
+    """The error for a layer option that the other library cannot compute: names
+    the layer, the option and its value, why, and the fix."""
+    if fix is None:
+        fix = _WRAP if layer.startswith("nn.") else _KEEP
+    other = "native" if layer.startswith("nn.") else "linen"
     return AdapterError(
-        f"{layer} with `{option}={value!r}` has no native equivalent: {why}."
+        f"{_at(layer)} with `{option}={_show(option, value)}` has no {other} "
+        f"equivalent: {why}. {fix}."
     )
 
 
@@ -214,48 +296,138 @@ def skeleton(cls: type, *args: Any, **kwargs: Any) -> eqx.Module:
     return eqx.filter_eval_shape(cls, *args, key=jax.random.key(0), **kwargs)
 
 
-def params_of(variables: dict, layer: str) -> dict:
+_OWN_VARIABLES = (
+    "Pass the layer's own variables, as its `init` returns them (for a layer inside "
+    "a larger model, the entry under its name in each collection, e.g. "
+    "`{'params': variables['params']['Dense_0']}`), and build the linen layer with "
+    "the options the variables were made with (e.g. `use_bias`)."
+)
+
+
+def _check_entries(
+    variables: dict,
+    layer: str,
+    expected: Mapping[str, tuple[str, ...]],
+    fix: str = _OWN_VARIABLES,
+) -> None:
+    """Checks that each collection of `expected` holds exactly the entries (paths
+    `a/b`) listed; reports every missing or unexpected one, in one error."""
+    problems = []
+    for collection, paths in expected.items():
+        tree = variables.get(collection) or {}
+        have = {"/".join(k) for k in traverse_util.flatten_dict(tree)}
+        problems += [f"  {collection}/{p}: missing" for p in sorted(set(paths) - have)]
+        problems += [
+            f"  {collection}/{p}: unexpected (the layer has no such variable)"
+            for p in sorted(have - set(paths))
+        ]
+    if problems:
+        raise AdapterError(
+            f"The variables given for {_at(layer)} do not match the layer (got "
+            f"collections {sorted(variables)}):\n" + "\n".join(problems) + f"\n{fix}"
+        )
+
+
+def params_of(
+    variables: dict, layer: str, expected: tuple[str, ...] | None = None
+) -> dict:
+    """The layer's `params`, checked: no other collection, and, with `expected`,
+    exactly the entries listed."""
     extra = set(variables) - {"params"}
     if extra:
         raise AdapterError(
-            f"{layer} has variables in {sorted(extra)}, which its converter does not "
-            "know: only `params` was expected."
+            f"{_at(layer)} has variables in {sorted(extra)}, which its converter does "
+            "not know: only `params` was expected. Pass the `params` collection "
+            "only, `{'params': variables['params']}`; if the layer does use these "
+            "collections, register a converter for it that converts them "
+            "(`adapters.register_converter`)."
         )
+    if expected is not None:
+        _check_entries(variables, layer, {"params": expected})
     return variables.get("params", {})
+
+
+def _check_dtype(module: nn.Module, name: str, equinox: str) -> None:
+    """A computation `dtype=` is refused: linen casts to it, Equinox layers compute
+    in the dtypes of their weights and inputs."""
+    if module.dtype is not None:
+        raise unsupported(
+            name,
+            "dtype",
+            module.dtype,
+            "linen casts to `dtype` (its input and parameters, or its output), "
+            f"while {equinox} computes in the dtypes of its weights and input, so "
+            "the two differ as soon as an input or a weight has another dtype",
+            "Build the linen layer with `dtype=None` (the variables stay the same, "
+            "and linen then promotes dtypes as Equinox does; `param_dtype` is kept), "
+            "or keep it wrapped with `adapters.ToEquinox`",
+        )
+
+
+def _check_promote(module: nn.Module, name: str) -> None:
+    if module.promote_dtype is not linen_dtypes.promote_dtype:
+        raise unsupported(
+            name,
+            "promote_dtype",
+            module.promote_dtype,
+            "a custom dtype promotion changes what linen computes, and Equinox "
+            "layers promote with JAX's rules",
+        )
+
+
+def _check_reductions(module: nn.Module, name: str, equinox: str) -> None:
+    if not module.force_float32_reductions:
+        raise unsupported(
+            name,
+            "force_float32_reductions",
+            False,
+            f"{equinox} computes its statistics in at least float32",
+        )
 
 
 # --- the standard pairs ---------------------------------------------------------
 
 
-def _dense_to_native(module: nn.Dense, variables: dict, convert) -> eqx.nn.Linear:
+def _dense_checks(module: nn.Module, name: str) -> None:
+    _check_dtype(module, name, "eqx.nn.Linear")
+    _check_promote(module, name)
     if module.precision is not None:
         raise unsupported(
-            "nn.Dense",
+            name,
             "precision",
             module.precision,
             "eqx.nn.Linear has no precision option",
         )
     if module.dot_general is not None or module.dot_general_cls is not None:
         raise unsupported(
-            "nn.Dense",
+            name,
             "dot_general",
-            module.dot_general,
+            module.dot_general or module.dot_general_cls,
             "eqx.nn.Linear always uses a plain matmul",
         )
-    params = params_of(variables, "nn.Dense")
-    kernel = params["kernel"]
+
+
+def _linear(kernel: jax.Array, bias: jax.Array | None) -> eqx.nn.Linear:
+    """An eqx.nn.Linear holding linen's `(in, out)` kernel (and bias), dtype kept."""
     layer = skeleton(
         eqx.nn.Linear,
         kernel.shape[0],
         kernel.shape[1],
-        use_bias=module.use_bias,
+        use_bias=bias is not None,
         dtype=kernel.dtype,
     )
-    new = (kernel.T, params["bias"]) if module.use_bias else (kernel.T,)
-    where = (
-        (lambda m: (m.weight, m.bias)) if module.use_bias else (lambda m: (m.weight,))
+    if bias is None:
+        return eqx.tree_at(lambda m: m.weight, layer, kernel.T)
+    return eqx.tree_at(lambda m: (m.weight, m.bias), layer, (kernel.T, bias))
+
+
+def _dense_to_native(module: nn.Dense, variables: dict, convert) -> eqx.nn.Linear:
+    name = "nn.Dense"
+    _dense_checks(module, name)
+    params = params_of(
+        variables, name, ("kernel", "bias") if module.use_bias else ("kernel",)
     )
-    return eqx.tree_at(where, layer, new)
+    return _linear(params["kernel"], params["bias"] if module.use_bias else None)
 
 
 def _linear_from_native(layer: eqx.nn.Linear, state, convert):
@@ -269,21 +441,39 @@ def _linear_from_native(layer: eqx.nn.Linear, state, convert):
     params = {"kernel": layer.weight.T}
     if layer.use_bias:
         params["bias"] = layer.bias
-    return nn.Dense(layer.out_features, use_bias=layer.use_bias), {"params": params}
+    module = nn.Dense(
+        layer.out_features, use_bias=layer.use_bias, param_dtype=layer.weight.dtype
+    )
+    return module, {"params": params}
 
 
 def _embed_to_native(module: nn.Embed, variables: dict, convert) -> eqx.nn.Embedding:
-    table = params_of(variables, "nn.Embed")["embedding"]
+    name = "nn.Embed"
+    _check_promote(module, name)
+    table = params_of(variables, name, ("embedding",))["embedding"]
+    # The lookup computes nothing: `dtype=` only casts the rows, so the table's own
+    # dtype is exactly equivalent.
+    if module.dtype is not None and jnp.dtype(module.dtype) != table.dtype:
+        raise unsupported(
+            name,
+            "dtype",
+            module.dtype,
+            f"linen casts the rows of the table ({table.dtype}) to `dtype`, while "
+            "eqx.nn.Embedding returns them in the table's dtype",
+            "Build the linen layer with `dtype=None` or the table's dtype (the "
+            "variables stay the same), or keep it wrapped with `adapters.ToEquinox`",
+        )
     return eqx.nn.Embedding(weight=table)
 
 
 def _embedding_from_native(layer: eqx.nn.Embedding, state, convert):
     num, features = layer.weight.shape
-    return nn.Embed(num, features), {"params": {"embedding": layer.weight}}
+    module = nn.Embed(num, features, param_dtype=layer.weight.dtype)
+    return module, {"params": {"embedding": layer.weight}}
 
 
-def _check_last_axis(module: nn.Module, name: str, *options: str) -> None:
-    for option in options:
+def _check_norm(module: nn.Module, name: str, equinox: str) -> None:
+    for option in ("reduction_axes", "feature_axes"):
         value = getattr(module, option)
         if value not in (-1, (-1,)):
             raise unsupported(
@@ -294,25 +484,39 @@ def _check_last_axis(module: nn.Module, name: str, *options: str) -> None:
                 "over the whole per-example input; convert only "
                 "last-axis normalisation, reshaping the input",
             )
-    if getattr(module, "axis_name", None) is not None:
+    if module.axis_name is not None:
         raise unsupported(
             name,
             "axis_name",
             module.axis_name,
             "the Equinox layer takes no cross-device statistics",
         )
+    _check_dtype(module, name, equinox)
+    _check_reductions(module, name, equinox)
+
+
+def _no_size(layer: str, what: str, build: str) -> AdapterError:
+    return AdapterError(
+        f"{_at(layer)} carries no {what}, which its Equinox layer needs: the "
+        f"linen layer learns it from its input only. Build the Equinox layer "
+        f"yourself, {build}, or keep the linen layer wrapped with "
+        "`adapters.ToEquinox`."
+    )
 
 
 def _layernorm_to_native(module: nn.LayerNorm, variables: dict, convert):
-    _check_last_axis(module, "nn.LayerNorm", "reduction_axes", "feature_axes")
-    params = params_of(variables, "nn.LayerNorm")
+    name = "nn.LayerNorm"
+    _check_norm(module, name, "eqx.nn.LayerNorm")
+    expected = ("scale",) * module.use_scale + ("bias",) * module.use_bias
+    params = params_of(variables, name, expected)
     scale, bias = params.get("scale"), params.get("bias")
     size = scale if scale is not None else bias
     if size is None:
-        raise AdapterError(
-            "nn.LayerNorm with neither scale nor bias carries no feature size; give "
-            "it `use_scale=True` or build `eqx.nn.LayerNorm(shape, use_weight=False, "
-            "use_bias=False)` yourself."
+        raise _no_size(
+            "nn.LayerNorm with neither scale nor bias",
+            "feature size",
+            f"`eqx.nn.LayerNorm(features, eps={module.epsilon!r}, use_weight=False, "
+            "use_bias=False)` with `features` the size of the input's last axis",
         )
     layer = eqx.nn.LayerNorm(
         size.shape,
@@ -341,20 +545,28 @@ def _layernorm_from_native(layer: eqx.nn.LayerNorm, state, convert):
         params["scale"] = layer.weight
     if layer.use_bias:
         params["bias"] = layer.bias
+    kwargs = {"param_dtype": next(iter(params.values())).dtype} if params else {}
     module = nn.LayerNorm(
-        epsilon=layer.eps, use_scale=layer.use_weight, use_bias=layer.use_bias
+        epsilon=layer.eps,
+        use_scale=layer.use_weight,
+        use_bias=layer.use_bias,
+        **kwargs,
     )
     return module, {"params": params} if params else {}
 
 
 def _rmsnorm_to_native(module: nn.RMSNorm, variables: dict, convert):
-    _check_last_axis(module, "nn.RMSNorm", "reduction_axes", "feature_axes")
-    scale = params_of(variables, "nn.RMSNorm").get("scale")
-    if scale is None:
-        raise AdapterError(
-            "nn.RMSNorm(use_scale=False) carries no feature size; build "
-            "`eqx.nn.RMSNorm(shape, use_weight=False)` yourself."
+    name = "nn.RMSNorm"
+    _check_norm(module, name, "eqx.nn.RMSNorm")
+    params = params_of(variables, name, ("scale",) if module.use_scale else ())
+    if not module.use_scale:
+        raise _no_size(
+            "nn.RMSNorm(use_scale=False)",
+            "feature size",
+            f"`eqx.nn.RMSNorm(features, eps={module.epsilon!r}, use_weight=False, "
+            "use_bias=False)` with `features` the size of the input's last axis",
         )
+    scale = params["scale"]
     layer = eqx.nn.RMSNorm(
         scale.shape,
         eps=module.epsilon,
@@ -373,7 +585,8 @@ def _rmsnorm_from_native(layer: eqx.nn.RMSNorm, state, convert):
             (layer.use_bias, layer.use_weight, layer.shape),
             "nn.RMSNorm has a last-axis scale and no bias",
         )
-    return nn.RMSNorm(epsilon=layer.eps), {"params": {"scale": layer.weight}}
+    module = nn.RMSNorm(epsilon=layer.eps, param_dtype=layer.weight.dtype)
+    return module, {"params": {"scale": layer.weight}}
 
 
 def _dropout_to_native(module: nn.Dropout, variables: dict, convert):
@@ -384,6 +597,7 @@ def _dropout_to_native(module: nn.Dropout, variables: dict, convert):
             module.broadcast_dims,
             "eqx.nn.Dropout drops every element independently",
         )
+    params_of(variables, "nn.Dropout", ())
     return eqx.nn.Dropout(module.rate, inference=bool(module.deterministic))
 
 
@@ -413,7 +627,18 @@ def _conv_to_native(module: nn.Conv, variables: dict, convert) -> eqx.nn.Conv:
             raise unsupported(
                 name, option, getattr(module, option), "eqx.nn.Conv has no such option"
             )
-    params = params_of(variables, name)
+    if module.conv_general_dilated_cls is not None:
+        raise unsupported(
+            name,
+            "conv_general_dilated_cls",
+            module.conv_general_dilated_cls,
+            "eqx.nn.Conv has no such option",
+        )
+    _check_dtype(module, name, "eqx.nn.Conv")
+    _check_promote(module, name)
+    params = params_of(
+        variables, name, ("kernel", "bias") if module.use_bias else ("kernel",)
+    )
     kernel = params["kernel"]  # (*spatial, in / groups, out)
     spatial = kernel.ndim - 2
     tup = lambda v: (v,) * spatial if isinstance(v, int) else tuple(v)  # noqa: E731
@@ -467,6 +692,7 @@ def _conv_from_native(layer: eqx.nn.Conv, state, convert):
         kernel_dilation=tuple(layer.dilation),
         feature_group_count=layer.groups,
         use_bias=layer.use_bias,
+        param_dtype=layer.weight.dtype,
     )
     return module, {"params": params}
 
@@ -477,11 +703,16 @@ def _sequential_to_native(module: nn.Sequential, variables: dict, convert):
         if isinstance(sub, nn.Module):
             name = sub.name or f"layers_{i}"
             sub_vars = {c: v[name] for c, v in variables.items() if name in v}
-            layers.append(convert(sub.clone(parent=None, name=None), sub_vars))
+            with _inside(f"/{name}"):
+                layers.append(convert(sub.clone(parent=None, name=None), sub_vars))
         elif callable(sub):
             layers.append(eqx.nn.Lambda(sub))
         else:
-            raise AdapterTypeError(f"nn.Sequential layer {i} is not callable: {sub!r}")
+            raise AdapterTypeError(
+                f"{_at('nn.Sequential')} layer {i} is not callable: {sub!r}. Each "
+                "layer must be a linen module or a function such as `nn.relu` (a "
+                "function becomes an `eqx.nn.Lambda`)."
+            )
     return eqx.nn.Sequential(layers)
 
 
@@ -491,7 +722,8 @@ def _sequential_from_native(layer: eqx.nn.Sequential, state, convert):
         if isinstance(sub, eqx.nn.Lambda):
             modules.append(sub.fn)
             continue
-        module, sub_vars = convert(sub)
+        with _inside(f".layers[{i}]"):
+            module, sub_vars = convert(sub)
         modules.append(module)
         for collection, tree in sub_vars.items():
             variables.setdefault(collection, {})[f"layers_{i}"] = tree
@@ -536,6 +768,13 @@ register_converter(
 )
 
 
+def _abs_sq(x: jax.Array) -> jax.Array:
+    """`|x|²`, as linen computes it."""
+    if jnp.iscomplexobj(x):
+        return jnp.square(jnp.real(x)) + jnp.square(jnp.imag(x))
+    return jnp.square(x)
+
+
 class LinenBatchNorm(eqx.nn.StatefulLayer):
     """Flax linen's `nn.BatchNorm`, as a native per-example Equinox layer.
 
@@ -545,6 +784,12 @@ class LinenBatchNorm(eqx.nn.StatefulLayer):
     in training, normalise with the batch mean and (biased) variance, and update
     `running = momentum * running + (1 - momentum) * batch`; at inference, normalise
     with the running statistics.
+
+    Dtypes follow linen's `nn.BatchNorm` with `dtype=None`: the statistics are
+    computed in at least float32 (`jnp.promote_types(x.dtype, jnp.float32)`), and
+    the output has the dtype the input, scale and bias promote to.
+    `use_fast_variance=True` (linen's default) computes the variance as
+    `E[|x|²] - |E[x]|²`, `False` as `E[|x - E[x]|²]`.
 
     Like `eqx.nn.BatchNorm` it is per example, channels-first (`(channels, *spatial)`),
     and takes its batch statistics across a `jax.vmap` axis:
@@ -562,6 +807,7 @@ class LinenBatchNorm(eqx.nn.StatefulLayer):
     axis_name: Any = eqx.field(static=True)
     momentum: float = eqx.field(static=True)
     epsilon: float = eqx.field(static=True)
+    use_fast_variance: bool = eqx.field(static=True)
     inference: bool
 
     def __init__(
@@ -574,6 +820,7 @@ class LinenBatchNorm(eqx.nn.StatefulLayer):
         use_bias: bool = True,
         inference: bool = False,
         dtype: Any = jnp.float32,
+        use_fast_variance: bool = True,
     ):
         self.scale = jnp.ones(size, dtype) if use_scale else None
         self.bias = jnp.zeros(size, dtype) if use_bias else None
@@ -581,32 +828,52 @@ class LinenBatchNorm(eqx.nn.StatefulLayer):
         self.axis_name = axis_name
         self.momentum = momentum
         self.epsilon = epsilon
+        self.use_fast_variance = use_fast_variance
         self.inference = inference
+
+    def _batch_statistics(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """linen's `_compute_stats`, per example, reduced across the vmap axis."""
+        x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        spatial = tuple(range(1, x.ndim))
+
+        def mean(v):
+            v = jnp.mean(v, axis=spatial)
+            return v if self.axis_name is None else jax.lax.pmean(v, self.axis_name)
+
+        mu = mean(x)
+        if self.use_fast_variance:
+            var = jnp.maximum(0.0, mean(_abs_sq(x)) - _abs_sq(mu))
+        else:
+            var = mean(_abs_sq(x - mu.reshape((-1,) + (1,) * len(spatial))))
+        return mu, var
 
     def __call__(self, x, state, *, key=None, inference: bool | None = None):
         inference = self.inference if inference is None else inference
         mean, var = state.get(self.index)
-        spatial = tuple(range(1, x.ndim))
         if not inference:
-            batch_mean = jnp.mean(x, axis=spatial)
-            batch_square = jnp.mean(jnp.square(x), axis=spatial)
-            if self.axis_name is not None:
-                batch_mean = jax.lax.pmean(batch_mean, self.axis_name)
-                batch_square = jax.lax.pmean(batch_square, self.axis_name)
-            batch_var = jnp.maximum(0.0, batch_square - jnp.square(batch_mean))
+            batch_mean, batch_var = self._batch_statistics(x)
             m = self.momentum
             state = state.set(
                 self.index,
                 (m * mean + (1 - m) * batch_mean, m * var + (1 - m) * batch_var),
             )
             mean, var = batch_mean, batch_var
+        # linen's `_normalize`, operation for operation.
         shape = (-1,) + (1,) * (x.ndim - 1)
-        y = (x - mean.reshape(shape)) * jax.lax.rsqrt(var.reshape(shape) + self.epsilon)
+        y = x - mean.reshape(shape)
+        mul = jax.lax.rsqrt(var.reshape(shape) + self.epsilon)
+        args = [x]
         if self.scale is not None:
-            y = y * self.scale.reshape(shape)
+            mul = mul * self.scale.reshape(shape)
+            args.append(self.scale)
+        y = y * mul
         if self.bias is not None:
             y = y + self.bias.reshape(shape)
-        return y, state
+            args.append(self.bias)
+        dtype = jnp.result_type(*args)
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            dtype = jnp.promote_types(jnp.float32, dtype)
+        return y.astype(dtype), state
 
 
 def _batchnorm_to_native(module: nn.BatchNorm, variables: dict, convert):
@@ -625,7 +892,29 @@ def _batchnorm_to_native(module: nn.BatchNorm, variables: dict, convert):
             module.axis_index_groups,
             "the native layer reduces across the whole vmapped axis",
         )
-    stats = variables.get("batch_stats", {})
+    _check_dtype(module, name, "adapters.LinenBatchNorm")
+    _check_reductions(module, name, "adapters.LinenBatchNorm")
+    extra = set(variables) - {"params", "batch_stats"}
+    if extra:
+        raise AdapterError(
+            f"{_at(name)} has variables in {sorted(extra)}, which its converter does "
+            "not know: only `params` and `batch_stats` were expected. Pass the "
+            "layer's own variables, `{'params': variables['params'], "
+            "'batch_stats': variables['batch_stats']}`."
+        )
+    _check_entries(
+        variables,
+        name,
+        {
+            "params": ("scale",) * module.use_scale + ("bias",) * module.use_bias,
+            "batch_stats": ("mean", "var"),
+        },
+        "nn.BatchNorm keeps its running statistics in the `batch_stats` collection: "
+        "pass it with `params`, as `module.init(key, x)` or "
+        "`module.apply(..., mutable=['batch_stats'])` returns it (for a layer inside "
+        "a larger model, the entry under the layer's name in each collection).",
+    )
+    stats = variables["batch_stats"]
     params = variables.get("params", {})
     mean, var = stats["mean"], stats["var"]
     layer = LinenBatchNorm(
@@ -637,6 +926,7 @@ def _batchnorm_to_native(module: nn.BatchNorm, variables: dict, convert):
         use_bias=module.use_bias,
         inference=bool(module.use_running_average),
         dtype=mean.dtype,
+        use_fast_variance=module.use_fast_variance,
     )
     return eqx.tree_at(
         lambda m: (m.scale, m.bias, m.index.init),
@@ -658,12 +948,15 @@ def _batchnorm_from_native(layer: LinenBatchNorm, state, convert):
         params["scale"] = layer.scale
     if layer.bias is not None:
         params["bias"] = layer.bias
+    kwargs = {"param_dtype": next(iter(params.values())).dtype} if params else {}
     module = nn.BatchNorm(
         use_running_average=layer.inference,
         momentum=layer.momentum,
         epsilon=layer.epsilon,
         use_scale=layer.scale is not None,
         use_bias=layer.bias is not None,
+        use_fast_variance=layer.use_fast_variance,
+        **kwargs,
     )
     variables = {"batch_stats": {"mean": mean, "var": var}}
     if params:
@@ -702,11 +995,21 @@ def _groupnorm_to_native(module: nn.GroupNorm, variables: dict, convert):
             (module.use_scale, module.use_bias),
             "eqx.nn.GroupNorm has both affine parameters or neither",
         )
-    params = params_of(variables, name)
-    if not params:
-        raise AdapterError(
-            "nn.GroupNorm without scale and bias carries no channel count; build "
-            "`eqx.nn.GroupNorm(groups, channels, channelwise_affine=False)` yourself."
+    _check_dtype(module, name, "eqx.nn.GroupNorm")
+    _check_reductions(module, name, "eqx.nn.GroupNorm")
+    params = params_of(variables, name, ("scale", "bias") if module.use_scale else ())
+    if not module.use_scale:
+        groups = (
+            f"channels // {module.group_size}"
+            if module.num_groups is None
+            else repr(module.num_groups)
+        )
+        raise _no_size(
+            "nn.GroupNorm without scale and bias",
+            "channel count",
+            f"`eqx.nn.GroupNorm({groups}, channels, eps={module.epsilon!r}, "
+            "channelwise_affine=False)` with `channels` the size of the input's "
+            "channel axis",
         )
     scale, bias = params["scale"], params["bias"]
     channels = scale.shape[0]
@@ -716,11 +1019,13 @@ def _groupnorm_to_native(module: nn.GroupNorm, variables: dict, convert):
 
 
 def _groupnorm_from_native(layer: eqx.nn.GroupNorm, state, convert):
+    kwargs = {"param_dtype": layer.weight.dtype} if layer.channelwise_affine else {}
     module = nn.GroupNorm(
         num_groups=layer.groups,
         epsilon=layer.eps,
         use_scale=layer.channelwise_affine,
         use_bias=layer.channelwise_affine,
+        **kwargs,
     )
     if not layer.channelwise_affine:
         return module, {}
@@ -746,11 +1051,15 @@ def _check_gates(module: nn.Module, name: str) -> None:
 
 
 def _gru_to_native(module: nn.GRUCell, variables: dict, convert) -> eqx.nn.GRUCell:
-    _check_gates(module, "nn.GRUCell")
-    p = params_of(variables, "nn.GRUCell")
+    name = "nn.GRUCell"
+    _check_gates(module, name)
+    _check_dtype(module, name, "eqx.nn.GRUCell")
+    gates = ("r", "z", "n")
+    expected = [f"i{g}/{w}" for g in gates for w in ("kernel", "bias")]
+    expected += [f"h{g}/kernel" for g in gates] + ["hn/bias"]
+    p = params_of(variables, name, tuple(expected))
     inputs, hidden = p["ir"]["kernel"].shape
     cell = skeleton(eqx.nn.GRUCell, inputs, hidden, dtype=p["ir"]["kernel"].dtype)
-    gates = ("r", "z", "n")
     return eqx.tree_at(
         lambda c: (c.weight_ih, c.weight_hh, c.bias, c.bias_n),
         cell,
@@ -779,15 +1088,20 @@ def _gru_from_native(cell: eqx.nn.GRUCell, state, convert):
         params[f"i{g}"] = {"kernel": w_ih[i].T, "bias": b[i]}
         params[f"h{g}"] = {"kernel": w_hh[i].T}
     params["hn"]["bias"] = cell.bias_n
-    return nn.GRUCell(cell.hidden_size), {"params": params}
+    module = nn.GRUCell(cell.hidden_size, param_dtype=cell.weight_ih.dtype)
+    return module, {"params": params}
 
 
 def _lstm_to_native(module: nn.LSTMCell, variables: dict, convert) -> eqx.nn.LSTMCell:
-    _check_gates(module, "nn.LSTMCell")
-    p = params_of(variables, "nn.LSTMCell")
+    name = "nn.LSTMCell"
+    _check_gates(module, name)
+    _check_dtype(module, name, "eqx.nn.LSTMCell")
+    gates = ("i", "f", "g", "o")
+    expected = [f"i{g}/kernel" for g in gates]
+    expected += [f"h{g}/{w}" for g in gates for w in ("kernel", "bias")]
+    p = params_of(variables, name, tuple(expected))
     inputs, hidden = p["ii"]["kernel"].shape
     cell = skeleton(eqx.nn.LSTMCell, inputs, hidden, dtype=p["ii"]["kernel"].dtype)
-    gates = ("i", "f", "g", "o")
     return eqx.tree_at(
         lambda c: (c.weight_ih, c.weight_hh, c.bias),
         cell,
@@ -814,7 +1128,8 @@ def _lstm_from_native(cell: eqx.nn.LSTMCell, state, convert):
     for i, g in enumerate(("i", "f", "g", "o")):
         params[f"i{g}"] = {"kernel": w_ih[i].T}
         params[f"h{g}"] = {"kernel": w_hh[i].T, "bias": b[i]}
-    return nn.LSTMCell(cell.hidden_size), {"params": params}
+    module = nn.LSTMCell(cell.hidden_size, param_dtype=cell.weight_ih.dtype)
+    return module, {"params": params}
 
 
 register_converter(
@@ -837,8 +1152,7 @@ def _attention_to_native(
             name,
             "decode",
             True,
-            "eqx.nn.MultiheadAttention has no "
-            "decode cache; wrap the layer with adapters.ToEquinox",
+            "eqx.nn.MultiheadAttention has no decode cache",
         )
     if module.normalize_qk:
         raise unsupported(
@@ -861,7 +1175,36 @@ def _attention_to_native(
             True,
             "eqx.nn.MultiheadAttention drops each weight independently",
         )
-    p = params_of(variables, name)
+    for option in (
+        "precision",
+        "qkv_dot_general",
+        "out_dot_general",
+        "qkv_dot_general_cls",
+        "out_dot_general_cls",
+        "qk_attn_weights_einsum_cls",
+        "attn_weights_value_einsum_cls",
+    ):
+        if getattr(module, option) is not None:
+            raise unsupported(
+                name,
+                option,
+                getattr(module, option),
+                "eqx.nn.MultiheadAttention uses plain matmuls and einsums",
+            )
+    _check_dtype(module, name, "eqx.nn.MultiheadAttention")
+    if module.force_fp32_for_softmax:
+        raise unsupported(
+            name,
+            "force_fp32_for_softmax",
+            True,
+            "with half-precision inputs linen then returns float32, while "
+            "eqx.nn.MultiheadAttention returns the input's dtype (it always takes "
+            "the softmax in at least float32)",
+        )
+    expected = [f"{p}/kernel" for p in ("query", "key", "value", "out")]
+    if module.use_bias:
+        expected += [f"{p}/bias" for p in ("query", "key", "value", "out")]
+    p = params_of(variables, name, tuple(expected))
     q, k, v, out = p["query"], p["key"], p["value"], p["out"]
     heads, qk_size = q["kernel"].shape[1:]
     vo_size = v["kernel"].shape[2]
@@ -960,6 +1303,7 @@ def _attention_from_native(layer: eqx.nn.MultiheadAttention, state, convert):
         dropout_rate=layer.dropout.p,
         deterministic=bool(layer.dropout.inference),
         broadcast_dropout=False,
+        param_dtype=layer.query_proj.weight.dtype,
     )
     return module, {"params": params}
 
@@ -974,7 +1318,7 @@ register_converter(
 
 def _conv_transpose_to_native(module: nn.ConvTranspose, variables: dict, convert):
     name = "nn.ConvTranspose"
-    for option in ("mask", "precision"):
+    for option in ("mask", "precision", "preferred_element_type"):
         if getattr(module, option) is not None:
             raise unsupported(
                 name,
@@ -999,7 +1343,11 @@ def _conv_transpose_to_native(module: nn.ConvTranspose, variables: dict, convert
             "where Equinox pads like the forward convolution; only "
             "SAME and VALID mean the same in both",
         )
-    params = params_of(variables, name)
+    _check_dtype(module, name, "eqx.nn.ConvTranspose")
+    _check_promote(module, name)
+    params = params_of(
+        variables, name, ("kernel", "bias") if module.use_bias else ("kernel",)
+    )
     kernel = params["kernel"]  # (*spatial, in, out)
     spatial = kernel.ndim - 2
     tup = lambda v: (v,) * spatial if isinstance(v, int) else tuple(v)  # noqa: E731
@@ -1050,6 +1398,7 @@ def _conv_transpose_from_native(layer: eqx.nn.ConvTranspose, state, convert):
         padding=layer.padding if isinstance(layer.padding, str) else "VALID",
         kernel_dilation=tuple(layer.dilation),
         use_bias=layer.use_bias,
+        param_dtype=layer.weight.dtype,
     )
     return module, {"params": params}
 
@@ -1074,16 +1423,13 @@ def _dense_general_to_native(module: nn.DenseGeneral, variables: dict, convert):
             (module.axis, module.batch_dims),
             "eqx.nn.Linear contracts the last axis only",
         )
-    params = params_of(variables, name)
-    kernel = params["kernel"].reshape(-1, features)
-    dense = {"kernel": kernel}
-    if module.use_bias:
-        dense["bias"] = params["bias"].reshape(features)
-    return _dense_to_native(
-        nn.Dense(features, use_bias=module.use_bias, precision=module.precision),
-        {"params": dense},
-        convert,
+    _dense_checks(module, name)
+    params = params_of(
+        variables, name, ("kernel", "bias") if module.use_bias else ("kernel",)
     )
+    kernel = params["kernel"].reshape(-1, features)
+    bias = params["bias"].reshape(features) if module.use_bias else None
+    return _linear(kernel, bias)
 
 
 register_converter(
