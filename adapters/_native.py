@@ -347,21 +347,34 @@ def params_of(
     return variables.get("params", {})
 
 
-def _check_dtype(module: nn.Module, name: str, equinox: str) -> None:
-    """A computation `dtype=` is refused: linen casts to it, Equinox layers compute
-    in the dtypes of their weights and inputs."""
-    if module.dtype is not None:
-        raise unsupported(
-            name,
-            "dtype",
-            module.dtype,
-            "linen casts to `dtype` (its input and parameters, or its output), "
-            f"while {equinox} computes in the dtypes of its weights and input, so "
-            "the two differ as soon as an input or a weight has another dtype",
-            "Build the linen layer with `dtype=None` (the variables stay the same, "
-            "and linen then promotes dtypes as Equinox does; `param_dtype` is kept), "
-            "or keep it wrapped with `adapters.ToEquinox`",
-        )
+def _check_dtype(
+    module: nn.Module, name: str, equinox: str, variables: dict | None = None
+) -> None:
+    """A computation `dtype=` is refused unless it is the dtype of every weight:
+    linen casts to it, Equinox layers compute in the dtypes of their weights and
+    inputs. Equal to the weights' dtype, linen's cast changes nothing that JAX's
+    promotion does not (for inputs no wider than the weights)."""
+    if module.dtype is None:
+        return
+    weights = {
+        jnp.dtype(a.dtype)
+        for a in jax.tree.leaves((variables or {}).get("params", {}))
+        if jnp.issubdtype(a.dtype, jnp.inexact)
+    }
+    if weights == {jnp.dtype(module.dtype)}:
+        return
+    got = ", ".join(sorted(map(str, weights))) or "none"
+    raise unsupported(
+        name,
+        "dtype",
+        module.dtype,
+        "linen casts to `dtype` (its input and parameters, or its output), "
+        f"while {equinox} computes in the dtypes of its weights ({got}) and input, "
+        "so the two differ",
+        "Build the linen layer with `dtype=None` or the weights' dtype (the "
+        "variables stay the same; `param_dtype` is kept), or keep it wrapped with "
+        "`adapters.ToEquinox`",
+    )
 
 
 def _check_promote(module: nn.Module, name: str) -> None:
@@ -388,8 +401,8 @@ def _check_reductions(module: nn.Module, name: str, equinox: str) -> None:
 # --- the standard pairs ---------------------------------------------------------
 
 
-def _dense_checks(module: nn.Module, name: str) -> None:
-    _check_dtype(module, name, "eqx.nn.Linear")
+def _dense_checks(module: nn.Module, name: str, variables: dict) -> None:
+    _check_dtype(module, name, "eqx.nn.Linear", variables)
     _check_promote(module, name)
     if module.precision is not None:
         raise unsupported(
@@ -423,7 +436,7 @@ def _linear(kernel: jax.Array, bias: jax.Array | None) -> eqx.nn.Linear:
 
 def _dense_to_native(module: nn.Dense, variables: dict, convert) -> eqx.nn.Linear:
     name = "nn.Dense"
-    _dense_checks(module, name)
+    _dense_checks(module, name, variables)
     params = params_of(
         variables, name, ("kernel", "bias") if module.use_bias else ("kernel",)
     )
@@ -472,7 +485,7 @@ def _embedding_from_native(layer: eqx.nn.Embedding, state, convert):
     return module, {"params": {"embedding": layer.weight}}
 
 
-def _check_norm(module: nn.Module, name: str, equinox: str) -> None:
+def _check_norm(module: nn.Module, name: str, equinox: str, variables: dict) -> None:
     for option in ("reduction_axes", "feature_axes"):
         value = getattr(module, option)
         if value not in (-1, (-1,)):
@@ -491,7 +504,7 @@ def _check_norm(module: nn.Module, name: str, equinox: str) -> None:
             module.axis_name,
             "the Equinox layer takes no cross-device statistics",
         )
-    _check_dtype(module, name, equinox)
+    _check_dtype(module, name, equinox, variables)
     _check_reductions(module, name, equinox)
 
 
@@ -506,7 +519,7 @@ def _no_size(layer: str, what: str, build: str) -> AdapterError:
 
 def _layernorm_to_native(module: nn.LayerNorm, variables: dict, convert):
     name = "nn.LayerNorm"
-    _check_norm(module, name, "eqx.nn.LayerNorm")
+    _check_norm(module, name, "eqx.nn.LayerNorm", variables)
     expected = ("scale",) * module.use_scale + ("bias",) * module.use_bias
     params = params_of(variables, name, expected)
     scale, bias = params.get("scale"), params.get("bias")
@@ -557,7 +570,7 @@ def _layernorm_from_native(layer: eqx.nn.LayerNorm, state, convert):
 
 def _rmsnorm_to_native(module: nn.RMSNorm, variables: dict, convert):
     name = "nn.RMSNorm"
-    _check_norm(module, name, "eqx.nn.RMSNorm")
+    _check_norm(module, name, "eqx.nn.RMSNorm", variables)
     params = params_of(variables, name, ("scale",) if module.use_scale else ())
     if not module.use_scale:
         raise _no_size(
@@ -634,7 +647,7 @@ def _conv_to_native(module: nn.Conv, variables: dict, convert) -> eqx.nn.Conv:
             module.conv_general_dilated_cls,
             "eqx.nn.Conv has no such option",
         )
-    _check_dtype(module, name, "eqx.nn.Conv")
+    _check_dtype(module, name, "eqx.nn.Conv", variables)
     _check_promote(module, name)
     params = params_of(
         variables, name, ("kernel", "bias") if module.use_bias else ("kernel",)
@@ -824,7 +837,9 @@ class LinenBatchNorm(eqx.nn.StatefulLayer):
     ):
         self.scale = jnp.ones(size, dtype) if use_scale else None
         self.bias = jnp.zeros(size, dtype) if use_bias else None
-        self.index = eqx.nn.StateIndex((jnp.zeros(size, dtype), jnp.ones(size, dtype)))
+        # Running statistics in float32 whatever `dtype`, as linen keeps them.
+        stats = (jnp.zeros(size, jnp.float32), jnp.ones(size, jnp.float32))
+        self.index = eqx.nn.StateIndex(stats)
         self.axis_name = axis_name
         self.momentum = momentum
         self.epsilon = epsilon
@@ -853,9 +868,14 @@ class LinenBatchNorm(eqx.nn.StatefulLayer):
         if not inference:
             batch_mean, batch_var = self._batch_statistics(x)
             m = self.momentum
+            # The update keeps the state's dtype (an eqx.nn.State keeps every
+            # dtype), also for statistics restored in another dtype.
             state = state.set(
                 self.index,
-                (m * mean + (1 - m) * batch_mean, m * var + (1 - m) * batch_var),
+                (
+                    (m * mean + (1 - m) * batch_mean).astype(mean.dtype),
+                    (m * var + (1 - m) * batch_var).astype(var.dtype),
+                ),
             )
             mean, var = batch_mean, batch_var
         # linen's `_normalize`, operation for operation.
@@ -892,7 +912,7 @@ def _batchnorm_to_native(module: nn.BatchNorm, variables: dict, convert):
             module.axis_index_groups,
             "the native layer reduces across the whole vmapped axis",
         )
-    _check_dtype(module, name, "adapters.LinenBatchNorm")
+    _check_dtype(module, name, "adapters.LinenBatchNorm", variables)
     _check_reductions(module, name, "adapters.LinenBatchNorm")
     extra = set(variables) - {"params", "batch_stats"}
     if extra:
@@ -995,7 +1015,7 @@ def _groupnorm_to_native(module: nn.GroupNorm, variables: dict, convert):
             (module.use_scale, module.use_bias),
             "eqx.nn.GroupNorm has both affine parameters or neither",
         )
-    _check_dtype(module, name, "eqx.nn.GroupNorm")
+    _check_dtype(module, name, "eqx.nn.GroupNorm", variables)
     _check_reductions(module, name, "eqx.nn.GroupNorm")
     params = params_of(variables, name, ("scale", "bias") if module.use_scale else ())
     if not module.use_scale:
@@ -1053,7 +1073,7 @@ def _check_gates(module: nn.Module, name: str) -> None:
 def _gru_to_native(module: nn.GRUCell, variables: dict, convert) -> eqx.nn.GRUCell:
     name = "nn.GRUCell"
     _check_gates(module, name)
-    _check_dtype(module, name, "eqx.nn.GRUCell")
+    _check_dtype(module, name, "eqx.nn.GRUCell", variables)
     gates = ("r", "z", "n")
     expected = [f"i{g}/{w}" for g in gates for w in ("kernel", "bias")]
     expected += [f"h{g}/kernel" for g in gates] + ["hn/bias"]
@@ -1095,7 +1115,7 @@ def _gru_from_native(cell: eqx.nn.GRUCell, state, convert):
 def _lstm_to_native(module: nn.LSTMCell, variables: dict, convert) -> eqx.nn.LSTMCell:
     name = "nn.LSTMCell"
     _check_gates(module, name)
-    _check_dtype(module, name, "eqx.nn.LSTMCell")
+    _check_dtype(module, name, "eqx.nn.LSTMCell", variables)
     gates = ("i", "f", "g", "o")
     expected = [f"i{g}/kernel" for g in gates]
     expected += [f"h{g}/{w}" for g in gates for w in ("kernel", "bias")]
@@ -1191,7 +1211,7 @@ def _attention_to_native(
                 getattr(module, option),
                 "eqx.nn.MultiheadAttention uses plain matmuls and einsums",
             )
-    _check_dtype(module, name, "eqx.nn.MultiheadAttention")
+    _check_dtype(module, name, "eqx.nn.MultiheadAttention", variables)
     if module.force_fp32_for_softmax:
         raise unsupported(
             name,
@@ -1343,7 +1363,7 @@ def _conv_transpose_to_native(module: nn.ConvTranspose, variables: dict, convert
             "where Equinox pads like the forward convolution; only "
             "SAME and VALID mean the same in both",
         )
-    _check_dtype(module, name, "eqx.nn.ConvTranspose")
+    _check_dtype(module, name, "eqx.nn.ConvTranspose", variables)
     _check_promote(module, name)
     params = params_of(
         variables, name, ("kernel", "bias") if module.use_bias else ("kernel",)
@@ -1423,7 +1443,7 @@ def _dense_general_to_native(module: nn.DenseGeneral, variables: dict, convert):
             (module.axis, module.batch_dims),
             "eqx.nn.Linear contracts the last axis only",
         )
-    _dense_checks(module, name)
+    _dense_checks(module, name, variables)
     params = params_of(
         variables, name, ("kernel", "bias") if module.use_bias else ("kernel",)
     )

@@ -156,8 +156,10 @@ class NNXToEquinox(_display.Displayed, eqx.Module):
     def _display_fields(self) -> list[tuple[str, Any]]:
         """What `repr` shows: the NNX module's type, the trainable arrays, the state's
         shapes and dtypes (its arrays are in the `eqx.nn.State`)."""
-        node = self._graphdef.value.nodes[0]
-        name = getattr(node.type, "__name__", str(node.type))
+        graphdef = self._graphdef.value
+        node = getattr(graphdef, "nodes", [graphdef])[0]  # the root's definition
+        kind = getattr(node, "type", None)
+        name = getattr(kind, "__name__", None) or str(kind or "Module")
         return [
             ("nnx_module", _display.Text(f"{name}(...)")),
             ("trainable", self.trainable),

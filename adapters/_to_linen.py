@@ -190,9 +190,16 @@ class ToLinen(_display.Displayed, nn.Module):
         fields: list[tuple[str, Any]] = []
         if self.model is not None:
             fields.append(("model", self.model))
-            fields += equinox_to_variables(
-                self.model, self.state, self.state_collection, self.buffer_collection
-            ).items()
+            try:
+                collections = equinox_to_variables(
+                    self.model,
+                    self.state,
+                    self.state_collection,
+                    self.buffer_collection,
+                )
+            except (AdapterError, TypeError):  # e.g. a stateful model without state:
+                collections = {}  # init says so; a repr never raises
+            fields += collections.items()
         else:
             fields.append(("make", self.make))
         for name in ("vmap_axis", "axis_name", "partition"):

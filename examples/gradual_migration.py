@@ -176,10 +176,7 @@ def build(variables, native_parts):
 
 
 def uses_linen(model) -> bool:
-    modules = jax.tree.leaves(model, is_leaf=lambda x: isinstance(x, eqx.Module))
-    return any(isinstance(m, adapters.ToEquinox) for m in modules) or any(
-        isinstance(p, adapters.ToEquinox) for p in model.parts.values()
-    )
+    return any(isinstance(p, adapters.ToEquinox) for p in model.parts.values())
 
 
 def original():

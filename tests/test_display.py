@@ -105,10 +105,17 @@ def test_to_linen_repr_shows_model_and_collections():
     # Built from a factory, the model exists only at init: the repr shows the factory.
     factory = adapters.ToLinen(make=lambda key: eqx.nn.Linear(2, 2, key=key))
     assert squash(repr(factory)).startswith("ToLinen(make=<function")
+    # A repr never raises: a stateful model given without its state prints without
+    # its collections (init reports the missing state).
+    bn = eqx.nn.make_with_state(eqx.nn.BatchNorm)(4, "batch", mode="batch")[0]
+    assert squash(repr(adapters.ToLinen(model=bn))).startswith(
+        "ToLinen(model=BatchNorm("
+    )
 
 
 def test_treescope_renders_the_wrappers(wrapped):
-    treescope = pytest.importorskip("treescope")
+    import treescope  # in the test extra: wrappers render in it when installed
+
     _, native, model, _ = wrapped
     text = treescope.render_to_text(model)
     assert text.startswith("ToEquinox(")

@@ -73,13 +73,15 @@ def _exception(name: str) -> type[BaseException]:
 
 
 def _message_matches(pattern: str, message: str) -> bool:
-    """`pattern` with `...` as a wildcard, whitespace-insensitive, matches `message`."""
+    """`pattern`, with `...` as a wildcard and whitespace-insensitive, matches the
+    start of `message` (a pattern may end early; one starting with `...` may skip
+    the message's start)."""
 
     def norm(s):
         return " ".join(s.split())
 
     pieces = [re.escape(norm(p)) for p in norm(pattern).split("...")]
-    return re.search(r".*?".join(pieces), norm(message), flags=re.S) is not None
+    return re.match(r".*?".join(pieces), norm(message), flags=re.S) is not None
 
 
 def run_page(page: str) -> int:
@@ -149,6 +151,7 @@ def test_directives_are_known_and_skips_are_few():
 def test_message_matching():
     assert _message_matches("a ... c", "a b\n  c")
     assert not _message_matches("a ... c", "c b a")
+    assert not _message_matches("b", "a b")  # anchored at the start
 
 
 def _public_names() -> list[str]:

@@ -501,30 +501,48 @@ def _linen_out(module, variables, inputs):
 @pytest.mark.parametrize("case", sorted(DTYPE_CASES) + ["embed"])
 def test_computation_dtype_is_refused(case, getkey):
     """Linen casts to `dtype=`; an Equinox layer computes in the dtypes of its
-    weights and input. Even `dtype` == `param_dtype` differs as soon as the input
-    has another dtype, so a non-None `dtype` does not convert."""
+    weights and input. A `dtype` other than the weights' dtype does not convert."""
     if case == "embed":
         module = nn.Embed(10, 3, dtype=jnp.bfloat16)  # float32 table
         inputs = (jnp.array([1, 2]),)
     else:
         make, inputs, _ = DTYPE_CASES[case]
-        module = make(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-        inputs = jax.tree.map(lambda a: a.astype(jnp.bfloat16), inputs)
+        module = make(dtype=jnp.bfloat16)  # float32 weights
     variables = module.init(getkey(), *inputs)
     with pytest.raises(
         adapters.AdapterError,
         match=r"with `dtype=jnp\.bfloat16` has no native equivalent: linen casts.*"
-        r"`dtype=None`.*adapters\.ToEquinox",
+        r"`dtype=None` or the (weights'|table's) dtype.*adapters\.ToEquinox",
     ):
         adapters.to_native(module, variables)
 
 
+@pytest.mark.parametrize("case", sorted(DTYPE_CASES))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_computation_dtype_of_the_weights_converts(case, dtype, getkey):
+    """`dtype=` equal to the weights' dtype (a common explicit `dtype=jnp.float32`)
+    converts, and computes what linen computes on inputs of that dtype."""
+    make, inputs, call = DTYPE_CASES[case]
+    module = make(dtype=dtype, param_dtype=dtype)
+    inputs = jax.tree.map(
+        lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.inexact) else a,
+        inputs,
+    )
+    variables = module.init(getkey(), *inputs)
+    layer, state = adapters.to_native(module, variables)
+    out = call(layer, *inputs, state)
+    native = _linen_out(module, variables, inputs)
+    chex.assert_trees_all_equal_dtypes(out, native)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    chex.assert_trees_all_close(out, native, atol=tol, rtol=tol)
+
+
 def test_computation_dtype_is_refused_inside_a_sequential(getkey):
-    module = nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(2, dtype=jnp.float32)])
+    module = nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(2, dtype=jnp.bfloat16)])
     variables = module.init(getkey(), X)
     with pytest.raises(
         adapters.AdapterError,
-        match=r"nn\.Dense at `layers_2` with `dtype=jnp\.float32` has no native",
+        match=r"nn\.Dense at `layers_2` with `dtype=jnp\.bfloat16` has no native",
     ):
         adapters.to_native(module, variables)
 
@@ -580,7 +598,10 @@ def test_bfloat16_parameters(case, input_dtype, getkey):
     out = call(layer, *inputs, state)
     native = _linen_out(module, variables, inputs)
     chex.assert_trees_all_equal_dtypes(out, native)
-    chex.assert_trees_all_close(out, native, atol=2e-2, rtol=2e-2)
+    # Tolerance by the output's dtype: float32 outputs agree to float32 rounding.
+    half = any(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(native))
+    tol = 2e-2 if half else 1e-5
+    chex.assert_trees_all_close(out, native, atol=tol, rtol=tol)
     back_module, back = adapters.from_native(layer, state)
     chex.assert_trees_all_equal(back, variables)
     chex.assert_trees_all_equal_dtypes(back, variables)
@@ -588,6 +609,47 @@ def test_bfloat16_parameters(case, input_dtype, getkey):
     chex.assert_trees_all_equal_shapes_and_dtypes(
         jax.eval_shape(back_module.init, getkey(), *inputs), variables
     )
+
+
+def test_half_precision_linen_batchnorm_trains(getkey):
+    """Built directly with `dtype=bfloat16`: bfloat16 scale and bias, running
+    statistics in float32 as linen keeps them, and a training step that keeps the
+    state's dtypes, computing what linen's BatchNorm computes."""
+    layer, state = eqx.nn.make_with_state(adapters.LinenBatchNorm)(
+        3, momentum=0.9, dtype=jnp.bfloat16
+    )
+    assert layer.scale.dtype == jnp.bfloat16
+    assert {a.dtype for a in state.get(layer.index)} == {jnp.dtype(jnp.float32)}
+    x = (jr.normal(getkey(), (8, 5, 5, 3)) * 2 + 1).astype(jnp.bfloat16)
+    module = nn.BatchNorm(
+        use_running_average=False, momentum=0.9, param_dtype=jnp.bfloat16
+    )
+    variables = module.init(getkey(), x)
+    for _ in range(2):
+        y, state = _batched(layer)(jnp.moveaxis(x, -1, 1), state)
+        native, updates = module.apply(variables, x, mutable=["batch_stats"])
+        variables = {**variables, **updates}
+        chex.assert_trees_all_equal_dtypes(jnp.moveaxis(y, 1, -1), native)
+        chex.assert_trees_all_close(
+            jnp.moveaxis(y, 1, -1), native, atol=1e-2, rtol=1e-2
+        )
+        mean, var = state.get(layer.index)
+        assert mean.dtype == var.dtype == jnp.float32
+        chex.assert_trees_all_close(
+            {"mean": mean, "var": var}, updates["batch_stats"], atol=1e-6, rtol=1e-6
+        )
+
+
+def test_batchnorm_statistics_restored_in_half_precision_keep_their_dtype(getkey):
+    module = nn.BatchNorm(use_running_average=False)
+    x = jr.normal(getkey(), (8, 3))
+    variables = module.init(getkey(), x)
+    variables["batch_stats"] = jax.tree.map(
+        lambda a: a.astype(jnp.bfloat16), variables["batch_stats"]
+    )
+    layer, state = adapters.to_native(module, variables)
+    _, state = _batched(layer)(x[..., None], state)  # (channels, 1) per example
+    assert {a.dtype for a in state.get(layer.index)} == {jnp.dtype(jnp.bfloat16)}
 
 
 def test_batchnorm_computes_in_linens_dtypes(getkey):
