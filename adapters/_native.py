@@ -377,6 +377,13 @@ def _check_dtype(
     )
 
 
+def _refuse_set(module: nn.Module, name: str, options: tuple[str, ...], why: str):
+    """Refuses each of `options` that is set (not `None`) on `module`."""
+    for option in options:
+        if getattr(module, option) is not None:
+            raise unsupported(name, option, getattr(module, option), why)
+
+
 def _check_promote(module: nn.Module, name: str) -> None:
     if module.promote_dtype is not linen_dtypes.promote_dtype:
         raise unsupported(
@@ -635,11 +642,12 @@ def _padding(padding: Any, kernel_size: tuple[int, ...], name: str) -> Any:
 
 def _conv_to_native(module: nn.Conv, variables: dict, convert) -> eqx.nn.Conv:
     name = "nn.Conv"
-    for option in ("mask", "precision", "conv_general_dilated"):
-        if getattr(module, option) is not None:
-            raise unsupported(
-                name, option, getattr(module, option), "eqx.nn.Conv has no such option"
-            )
+    _refuse_set(
+        module,
+        name,
+        ("mask", "precision", "conv_general_dilated"),
+        "eqx.nn.Conv has no such option",
+    )
     if module.conv_general_dilated_cls is not None:
         raise unsupported(
             name,
@@ -1195,22 +1203,20 @@ def _attention_to_native(
             True,
             "eqx.nn.MultiheadAttention drops each weight independently",
         )
-    for option in (
-        "precision",
-        "qkv_dot_general",
-        "out_dot_general",
-        "qkv_dot_general_cls",
-        "out_dot_general_cls",
-        "qk_attn_weights_einsum_cls",
-        "attn_weights_value_einsum_cls",
-    ):
-        if getattr(module, option) is not None:
-            raise unsupported(
-                name,
-                option,
-                getattr(module, option),
-                "eqx.nn.MultiheadAttention uses plain matmuls and einsums",
-            )
+    _refuse_set(
+        module,
+        name,
+        (
+            "precision",
+            "qkv_dot_general",
+            "out_dot_general",
+            "qkv_dot_general_cls",
+            "out_dot_general_cls",
+            "qk_attn_weights_einsum_cls",
+            "attn_weights_value_einsum_cls",
+        ),
+        "eqx.nn.MultiheadAttention uses plain matmuls and einsums",
+    )
     _check_dtype(module, name, "eqx.nn.MultiheadAttention", variables)
     if module.force_fp32_for_softmax:
         raise unsupported(
@@ -1338,14 +1344,12 @@ register_converter(
 
 def _conv_transpose_to_native(module: nn.ConvTranspose, variables: dict, convert):
     name = "nn.ConvTranspose"
-    for option in ("mask", "precision", "preferred_element_type"):
-        if getattr(module, option) is not None:
-            raise unsupported(
-                name,
-                option,
-                getattr(module, option),
-                "eqx.nn.ConvTranspose has no such option",
-            )
+    _refuse_set(
+        module,
+        name,
+        ("mask", "precision", "preferred_element_type"),
+        "eqx.nn.ConvTranspose has no such option",
+    )
     if module.transpose_kernel:
         raise unsupported(
             name,
