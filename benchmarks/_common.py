@@ -97,6 +97,21 @@ def write_json(out: pathlib.Path, name: str, payload: dict[str, Any]) -> pathlib
     return path
 
 
+def report(
+    args: argparse.Namespace, name: str, targets: list[dict[str, Any]], **fields: Any
+) -> dict[str, Any]:
+    """A script's result: `quick`, its own `fields`, its `targets` and whether they
+    all hold; written to `args.out/name.json` (with the environment) and returned."""
+    payload = {
+        "quick": args.quick,
+        **fields,
+        "targets": targets,
+        "holds": all(t["holds"] for t in targets),
+    }
+    write_json(args.out, name, payload)
+    return payload
+
+
 def fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, bool):
         return "yes" if value else "NO"

@@ -209,14 +209,12 @@ def main(argv=None) -> dict[str, Any]:
         ["", "A / B", "A", "B", "A/B", "quartiles", "target", "holds"],
         rows,
     )
-    payload = {
-        "quick": args.quick,
-        "results": results,
-        "targets": targets,
-        "holds": all(t["holds"] for t in targets),
-    }
-    C.write_json(args.out, NAME, payload)
-    return payload
+    return C.report(
+        args,
+        NAME,
+        targets,
+        results=results,
+    )
 
 
 if __name__ == "__main__":

@@ -87,17 +87,15 @@ def main(argv=None) -> dict[str, Any]:
             for name, r in variants.items()
         ],
     )
-    payload = {
-        "quick": args.quick,
-        "sizes": dataclasses.asdict(sizes),
-        "target": TARGET,
-        "results": results,
-        "variants": variants,
-        "targets": targets,
-        "holds": all(t["holds"] for t in targets),
-    }
-    C.write_json(args.out, NAME, payload)
-    return payload
+    return C.report(
+        args,
+        NAME,
+        targets,
+        sizes=dataclasses.asdict(sizes),
+        target=TARGET,
+        results=results,
+        variants=variants,
+    )
 
 
 if __name__ == "__main__":

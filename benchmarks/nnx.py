@@ -162,19 +162,15 @@ def main(argv=None) -> dict[str, Any]:
             "holds": C.verdict(vs_split["ratio"], 1.02),
         },
     ]
-    payload = {
-        "benchmark": NAME,
-        "environment": C.environment(),
-        "quick": args.quick,
-        "sizes": {"width": width, "batch": batch},
-        "hlo": counts,
-        "step_time_vs_split_merge": vs_split,
-        "step_time_vs_nnx_jit": vs_nnx_jit,
-        "targets": targets,
-        "holds": all(t["holds"] for t in targets),
-    }
-    C.write_json(args.out, NAME, payload)
-    return payload
+    return C.report(
+        args,
+        NAME,
+        targets,
+        sizes={"width": width, "batch": batch},
+        hlo=counts,
+        step_time_vs_split_merge=vs_split,
+        step_time_vs_nnx_jit=vs_nnx_jit,
+    )
 
 
 if __name__ == "__main__":

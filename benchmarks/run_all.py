@@ -57,15 +57,13 @@ def main(argv=None) -> dict[str, Any]:
         + ", ".join(f"{n} {s:.0f} s" for n, s in seconds.items())
         + f"; total {total:.0f} s"
     )
-    payload = {
-        "quick": args.quick,
-        "seconds": seconds,
-        "total_seconds": total,
-        "targets": targets,
-        "holds": all(t["holds"] for t in targets),
-    }
-    C.write_json(args.out, "run_all", payload)
-    return payload
+    return C.report(
+        args,
+        "run_all",
+        targets,
+        seconds=seconds,
+        total_seconds=total,
+    )
 
 
 if __name__ == "__main__":

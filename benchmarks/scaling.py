@@ -224,16 +224,14 @@ def main(argv=None) -> dict[str, Any]:
         ],
         slope_rows,
     )
-    payload = {
-        "quick": args.quick,
-        "leaves": list(leaves),
-        "results": results,
-        "slopes": slopes,
-        "targets": targets,
-        "holds": all(t["holds"] for t in targets),
-    }
-    C.write_json(args.out, NAME, payload)
-    return payload
+    return C.report(
+        args,
+        NAME,
+        targets,
+        leaves=list(leaves),
+        results=results,
+        slopes=slopes,
+    )
 
 
 if __name__ == "__main__":
