@@ -49,12 +49,12 @@ def shape(shape: tuple[int, ...], dtype: Any) -> Text:
     return Text(f"{name}[{','.join(map(str, shape))}]")
 
 
-def nested_shapes(leaves: Iterable[tuple[str, Any]]) -> dict[str, Any]:
-    """`[("Dense_0/kernel", leaf), ...]` (a leaf has `.shape` and `.dtype`) as
+def nested_shapes(leaves: Iterable[tuple[tuple[str, ...], Any]]) -> dict[str, Any]:
+    """`[(("Dense_0", "kernel"), leaf), ...]` (a leaf has `.shape` and `.dtype`) as
     nested dicts of shapes: `{"Dense_0": {"kernel": f32[3,4]}}`."""
     tree: dict[str, Any] = {}
     for path, leaf in leaves:
-        *parents, last = path.split("/") if path else [""]
+        *parents, last = path or ("",)
         node = tree
         for key in parents:
             node = node.setdefault(key, {})

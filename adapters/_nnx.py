@@ -5,6 +5,7 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import jax.tree_util as jtu
 from flax import nnx
 from jaxtyping import PyTree
@@ -12,7 +13,7 @@ from jaxtyping import PyTree
 from . import _display
 from ._errors import AdapterError, AdapterTypeError
 from ._static import Static
-from ._variables import as_jax_arrays, path_str, spec_problems, strong, TreeSpec
+from ._variables import as_jax_arrays, path_str, spec_problems, TreeSpec
 
 
 _NOT_SPLITTABLE = """\
@@ -279,7 +280,12 @@ class NNXToEquinox(_display.Displayed, eqx.Module):
                 _GROWN.format(what="variables", problems="\n".join(problems))
             )
         if _same_leaves(rest, new_rest):
-            state = state.set(self.state_index, strong(new_rest))
+            # As `eqx.nn.State.set` stores it, but keeping a change of weak type
+            # (a Python int counter stays a weakly typed int, as in NNX).
+            new_rest = jax.tree.map(jnp.asarray, new_rest)
+            state = state.update(
+                eqx.nn.State.tree_unflatten((self.state_index.marker,), (new_rest,))
+            )
         if capture:
             return (out, _pure(sown)), state
         return out, state

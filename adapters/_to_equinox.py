@@ -1,30 +1,31 @@
 """A linen module inside Equinox: `ToEquinox` and `to_equinox`."""
 
-import contextlib
-import inspect
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import equinox as eqx
 import flax.errors
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import PRNGKeyArray, PyTree
 
-from . import _display
+from . import _display, _modes
 from ._errors import AdapterError, AdapterTypeError
 from ._nnx import NNXToEquinox
 from ._static import Static
 from ._variables import (
     as_collections,
     as_jax_arrays,
+    check_key,
+    is_box,
     linen_rngs,
+    narrowing_problems,
     normalise_names,
     spec_problems,
     specs_problems,
-    strong,
     TreeSpec,
     variables_problems,
 )
@@ -119,10 +120,13 @@ does not update it.\
 
 
 _SOWN_STATE = """\
-{name} writes to {collections} with `self.sow` during init, so linen's init stores
-them, and as state they would grow (or, with a `reduce_fn`, accumulate) on every
-call. Declare them per call, `adapters.to_equinox(..., per_call={per_call!r})`, and
-ask for their values at call time with `capture=`.\
+{name} writes to {collections} during init only because they are mutable, as
+`self.sow` does (`self.variable` would create them either way: tried by running
+linen's init abstractly once more with each of them immutable). So linen's init
+stores them, and as state they would grow (or, with a `reduce_fn`, accumulate) on
+every call. Declare them per call, `adapters.to_equinox(..., per_call={per_call!r})`,
+and ask for their values at call time with `capture=`. If they are state that must
+persist between calls, create them with `self.variable(...)` in the module.\
 """
 
 _TRACED_INFERENCE = """\
@@ -135,66 +139,136 @@ is passed through `jax.jit` (or another transformation) as an argument. Use
 """
 
 
-def _accepts(module: nn.Module, method: Any, name: str, args: tuple = ()) -> bool:
-    """Whether the linen method (linen's `method=`: `None`, a name or a function)
-    takes keyword `name`, not already given among the positional `args`. Unknown
-    signatures are given the keyword."""
-    if method is None:
-        method = type(module).__call__
-    elif isinstance(method, str):
-        method = getattr(type(module), method, None)
-    try:
-        signature = inspect.signature(method)  # pyright: ignore
-    except (TypeError, ValueError):
-        return True
-    try:
-        if name in signature.bind_partial(module, *args).arguments:
-            return False  # passed positionally: an explicit value wins
-    except TypeError:
-        pass
-    return any(
-        p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD
-        for p in signature.parameters.values()
+_NOT_A_COLLECTION = """\
+`trainable` names {names}, which {verb} not a collection of {name}: its
+variables have the collections {collections}. Name the collections whose arrays
+should be trained, e.g. `trainable=("params",)` (the default).\
+"""
+
+_INFERENCE_COLLISION = """\
+`inference=` was given to `adapters.to_equinox`, but it is the wrapper's own flag
+(the initial value of `model.inference`), and {name}.{method} takes a keyword
+`inference` of its own. The wrapper maps that keyword onto its flag: linen's init
+gets `inference=True`, and every call `inference=model.inference`. Leave
+`inference=` out and switch modes with `eqx.nn.inference_mode(model)`; to give
+linen's keyword a fixed value instead, pass `deterministic_kwarg=()` and
+`inference=` at every call, `model(x, state, inference=...)`.\
+"""
+
+_VARIABLES_FIRST = """\
+`ToEquinox.__call__` got a linen variables dict (collections {collections}) as its
+first positional argument, as linen's `module.apply(variables, x)` takes it. The
+wrapper holds the variables itself: call `out, state = model(x, state)`. To run with
+other variables, build the model from them first:
+`model, state = model.with_linen_variables(variables)`.\
+"""
+
+_JIT_WHOLE_MODEL = """\
+A `ToEquinox` cannot be hashed (it holds dicts of arrays), so `jax.jit(model)` and
+static arguments cannot take it. Use `eqx.filter_jit`, e.g.
+`eqx.filter_jit(lambda m, x, s: m(x, s))(model, x, state)`, or Equinox's partition
+pattern: `arrays, static = eqx.partition(model, eqx.is_array)` and call
+`eqx.combine(arrays, static)` inside a function jitted with `jax.jit`.\
+"""
+
+_RAW_KEY_INPUT = """\
+The linen call failed ({type}: {err}), and positional argument {index} is a
+uint32[2] array, as a legacy `jax.random.PRNGKey` is. If it is a key, pass it by
+keyword: `model(x, state, key=key)` (keys are keyword-only, as in Equinox).\
+"""
+
+_MISSING_ARGUMENT = """\
+{name}.{method} needs an argument that the call did not give ({err}). If it
+switches the module between training and inference, map it onto the wrapper's
+`inference` flag at construction: `adapters.to_equinox(..., train_kwarg={arg!r})` for
+a keyword meaning "training" (passed `not inference`), or
+`deterministic_kwarg={arg!r}` for one meaning "inference" (passed `inference`).
+Otherwise pass it with the example arguments and at every call.\
+"""
+
+_NO_PARAMS = """\
+The linen module looked for a parameter that the variables do not hold ({err}).
+The variables have the collections {collections}{params_hint}. Pass every collection
+of linen's variables, `variables={{"params": params, ...}}`, as `module.init`
+returns them.\
+"""
+
+_CAST_INPUT = """\
+The call's inputs include {dtypes} arrays, and the module computed the update in
+that dtype. Cast the inputs to the dtype the model was built with (e.g.
+`x.astype(jnp.float32)`), as linen would store the update in the input's dtype
+too; or build the model with inputs of the dtype you call it with.\
+"""
+
+
+def _type_name(x: Any) -> str:
+    return f"{type(x).__module__}.{type(x).__qualname__}"
+
+
+def _looks_like_params(variables: Mapping[str, Any]) -> bool:
+    """Whether the top-level keys of `variables` read as linen submodule names
+    (`Dense_0`, `Conv_1`): the `params` collection passed alone."""
+    return bool(variables) and all(
+        re.fullmatch(r"[A-Za-z]\w*_\d+", name) for name in variables
     )
 
 
-@contextlib.contextmanager
-def _recording_sow() -> Iterator[set[str]]:
-    """Records the collections that `Module.sow` writes to while linen's init runs:
-    sown values would otherwise land in the state and grow, or accumulate, on every
-    call."""
-    sown: set[str] = set()
-    original = nn.Module.sow
+def _sown_collections(
+    linen_init: Callable[..., Any],
+    key: PRNGKeyArray,
+    variables: Mapping[str, Any],
+    trainable: tuple[str, ...],
+) -> list[str]:
+    """The collections of `variables` that linen's init writes only because they
+    are mutable, as `self.sow` does: with the collection made immutable, init
+    (run abstractly, no compute) succeeds and leaves it out, where `self.variable`
+    would have refused. Sown values would otherwise land in the state and grow, or
+    accumulate, on every call. No global of Flax is touched, so building models
+    from several threads at once is safe."""
+    sown = []
+    for collection in sorted(c for c in variables if c not in trainable):
+        try:
+            without = jax.eval_shape(lambda k: linen_init(k, (collection,)), key)
+        except Exception:  # it needs the collection: state, not sown
+            continue
+        if collection not in without:
+            sown.append(collection)
+    return sown
 
-    def sow(self, col, *args, **kwargs):
-        sown.add(col)
-        return original(self, col, *args, **kwargs)
 
-    nn.Module.sow = sow  # pyright: ignore
-    try:
-        yield sown
-    finally:
-        nn.Module.sow = original  # pyright: ignore
+def _changed_fix(
+    problems: list[str], collection: str, inputs: Sequence[Any], spec: TreeSpec
+) -> str:
+    """The fix to give for a state update that does not fit the state."""
+    if any(": new entry" in p for p in problems):
+        return _FIX_GROWN.format(
+            collection=collection, per_call=("intermediates", collection)
+        )
+    dtypes = {str(x.dtype) for x in jax.tree.leaves(inputs) if hasattr(x, "dtype")}
+    held = {str(leaf.dtype) for _, leaf in spec.leaves}
+    widened = sorted(d for d in dtypes - held if any(f"got {d}[" in p for p in problems))
+    if widened:
+        return _CAST_INPUT.format(dtypes=", ".join(widened))
+    return _FIX_RESHAPED
 
 
-def _mode_kwargs(
-    kwargs: dict[str, Any],
-    inference: bool,
-    train_kwarg: tuple[str, ...],
-    deterministic_kwarg: tuple[str, ...],
-    accepts: Callable[[str], bool],
-) -> dict[str, Any]:
-    """Adds `train=not inference` / `deterministic=inference` for the keywords the
-    called method takes, unless the caller gave the keyword: an explicit keyword
-    wins."""
-    out = dict(kwargs)
-    for name in train_kwarg:
-        if accepts(name):
-            out.setdefault(name, not inference)
-    for name in deterministic_kwarg:
-        if accepts(name):
-            out.setdefault(name, inference)
-    return out
+def _check_method(module: nn.Module, method: Any, what: str) -> None:
+    """Refuses a `method=` (or `init_method=`) naming no method of the module."""
+    if method is None or (callable(method) and not isinstance(method, type)):
+        return
+    if isinstance(method, str) and callable(getattr(type(module), method, None)):
+        return
+    methods = sorted(
+        n
+        for n, v in vars(type(module)).items()
+        if callable(v) and not n.startswith("_") and n not in ("setup",)
+    )
+    raise AdapterError(
+        f"`{what}={method!r}` names no method of {type(module).__name__}; its own "
+        f"methods are {methods} (besides `__call__`). Pass a method's name, such as "
+        f"`{what}={(methods or ['__call__'])[0]!r}`, or the function itself "
+        f"(`{what}={type(module).__name__}.{(methods or ['__call__'])[0]}`)."
+    )
 
 
 def _quoted(err: Exception, before: str) -> str:
@@ -244,8 +318,8 @@ class ToEquinox(_display.Displayed, eqx.Module):
     _module: Static = eqx.field(static=True)
     _state_specs: tuple[tuple[str, TreeSpec], ...] = eqx.field(static=True, repr=False)
     rng_streams: tuple[str, ...] = eqx.field(static=True)
-    train_kwarg: tuple[str, ...] = eqx.field(static=True)
-    deterministic_kwarg: tuple[str, ...] = eqx.field(static=True)
+    train_kwarg: tuple[str, ...] | None = eqx.field(static=True)
+    deterministic_kwarg: tuple[str, ...] | None = eqx.field(static=True)
 
     def __init__(
         self,
@@ -257,7 +331,7 @@ class ToEquinox(_display.Displayed, eqx.Module):
         rng_streams: str | Sequence[str] = ("dropout",),
         train_kwarg: str | Sequence[str] | None = None,
         deterministic_kwarg: str | Sequence[str] | None = None,
-        inference: bool = False,
+        inference: bool | None = None,
         init_method: str | Callable[..., Any] | None = None,
         per_call: str | Sequence[str] = ("intermediates",),
         **kwargs: Any,
@@ -270,8 +344,8 @@ class ToEquinox(_display.Displayed, eqx.Module):
             [`adapters.linen_rngs`][] into the streams `("params", *rng_streams)`.
             Not needed when `variables` are given.
         - `variables`: existing linen variables (e.g. pretrained), wrapped as they
-            are, without copying a buffer (numpy arrays become JAX arrays, with
-            their dtype); no init is run. If example arguments are
+            are, without copying a buffer (numpy arrays and Python scalars become
+            JAX arrays, with their dtype); no init is run. If example arguments are
             given too, the variables are checked against what linen's init would
             create (with `jax.eval_shape`, so no compute), and every missing, extra,
             mis-shaped or mis-typed entry is reported in one error.
@@ -280,15 +354,20 @@ class ToEquinox(_display.Displayed, eqx.Module):
         - `rng_streams`: the linen rng streams derived from a call's `key`
             (default `("dropout",)`).
         - `train_kwarg`: the name (or names) of a keyword of the linen call that
-            means "training", passed as `not inference` (e.g. `"train"`).
+            means "training", passed as `not inference` (e.g. `"train"`). Default
+            `None`: whichever of `train`, `training` and `is_training` the called
+            method names in its signature; `()` for none.
         - `deterministic_kwarg`: the name (or names) of a keyword of the linen call
             that means "no randomness / running statistics", passed as `inference`
-            (e.g. `"deterministic"`, or `"use_running_average"` for a bare
-            `nn.BatchNorm`).
-        - `inference`: the initial value of the `inference` field, which
-            `eqx.nn.inference_mode` flips. At init, the mapped keywords are given
-            their inference values (`train=False`, `deterministic=True`) unless
-            `**kwargs` name them.
+            (e.g. `"deterministic"`). Default `None`: whichever of
+            `deterministic`, `use_running_average` and `inference` the called
+            method names; `()` for none. (A conventional name is left alone where
+            the module has an attribute of that name set, as
+            `nn.Dropout(0.5, deterministic=True)`.)
+        - `inference`: the initial value of the `inference` field (default
+            `False`), which `eqx.nn.inference_mode` flips. At init, the mapped
+            keywords are given their inference values (`train=False`,
+            `deterministic=True`) unless `**kwargs` name them.
         - `init_method`: the linen method to run at init (linen's `method=`);
             default `__call__`.
         - `per_call`: collections written anew on every call (by `self.sow`),
@@ -300,9 +379,18 @@ class ToEquinox(_display.Displayed, eqx.Module):
 
         **Raises:**
 
-        [`adapters.AdapterError`][] if the variables do not fit the module, or if
-        there is neither `key` nor `variables` to build them from.
+        [`adapters.AdapterError`][] if the variables do not fit the module, if
+        there is neither `key` nor `variables` to build them from, if `trainable`
+        names a collection the module does not have, or if an option is not what
+        it should be.
         """
+        if isinstance(module, type) and issubclass(module, (nn.Module, nnx.Module)):
+            raise AdapterTypeError(
+                f"`adapters.to_equinox` wraps a module instance, but got the class "
+                f"{module.__qualname__} itself. Build the module first, e.g. "
+                f"`adapters.to_equinox({module.__name__}(...), x, key=key)` with its "
+                "attributes (such as `features`)."
+            )
         if not isinstance(module, nn.Module):
             hint = ""
             if isinstance(module, nnx.Module):
@@ -312,7 +400,7 @@ class ToEquinox(_display.Displayed, eqx.Module):
                 )
             raise AdapterTypeError(
                 "`adapters.ToEquinox` wraps a `flax.linen.Module`, but got "
-                f"{type(module).__module__}.{type(module).__qualname__}.{hint}"
+                f"{_type_name(module)}.{hint}"
             )
         if module.scope is not None:
             if module.variables:
@@ -326,56 +414,89 @@ class ToEquinox(_display.Displayed, eqx.Module):
             # factory), linen binds it to that module; it holds nothing: use its
             # definition. The user's object is left as it is.
             module = module.clone(parent=None)
+        name = type(module).__name__
         trainable = normalise_names(trainable, "trainable")
         per_call = normalise_names(per_call, "per_call")
         self.rng_streams = normalise_names(rng_streams, "rng_streams")
-        self.train_kwarg = normalise_names(train_kwarg, "train_kwarg")
-        self.deterministic_kwarg = normalise_names(
-            deterministic_kwarg, "deterministic_kwarg"
+        self.train_kwarg = (
+            None if train_kwarg is None else normalise_names(train_kwarg, "train_kwarg")
         )
-        self.inference = inference
+        self.deterministic_kwarg = (
+            None
+            if deterministic_kwarg is None
+            else normalise_names(deterministic_kwarg, "deterministic_kwarg")
+        )
+        _check_method(module, init_method, "init_method")
+        if key is not None:
+            check_key(key, f"`adapters.to_equinox({name}, ...)`'s `key`")
+        method_name = getattr(init_method, "__name__", init_method) or "__call__"
+        explicit = (*(self.train_kwarg or ()), *(self.deterministic_kwarg or ()))
+        if (
+            inference is not None
+            and "inference" not in explicit
+            and _modes.named(module, init_method, ("inference",))
+        ):
+            raise AdapterError(
+                _INFERENCE_COLLISION.format(name=name, method=method_name)
+            )
+        self.inference = bool(inference)
         self._module = Static(module)
 
-        for mode_name in (*self.train_kwarg, *self.deterministic_kwarg):
-            if not _accepts(module, init_method, mode_name):
+        for mode_name in explicit:
+            if not _modes.accepts(module, init_method, mode_name):
                 raise AdapterError(
                     f"`train_kwarg`/`deterministic_kwarg` name {mode_name!r}, but "
-                    f"{type(module).__name__}.{init_method or '__call__'} takes no "
+                    f"{name}.{method_name} takes no "
                     f"keyword {mode_name!r}. Name the keyword that switches the "
                     "module between training and inference (e.g. `train`, "
                     "`deterministic`), or leave the option out."
                 )
-        init_kwargs = _mode_kwargs(
+        init_kwargs = _modes.mode_kwargs(
             kwargs,
             True,
-            self.train_kwarg,
-            self.deterministic_kwarg,
-            lambda name: _accepts(module, init_method, name, args),
+            *_modes.resolve(
+                module, init_method, self.train_kwarg, self.deterministic_kwarg
+            ),
+            lambda n: _modes.accepts(module, init_method, n, args),
         )
 
         init_streams = tuple(dict.fromkeys(("params", *self.rng_streams)))
 
-        def init(k):
-            with _recording_sow() as sown:
-                variables = module.init(
+        def linen_init(k, immutable=()):
+            try:
+                return module.init(
                     linen_rngs(k, init_streams),
                     *args,
                     method=init_method,
-                    mutable=nn.DenyList(per_call),
+                    mutable=nn.DenyList((*per_call, *immutable)),
                     **init_kwargs,
                 )
-            kept = sorted(c for c in sown if c in variables and c not in trainable)
-            if kept:
+            except TypeError as err:
+                if "required" not in str(err) or "argument" not in str(err):
+                    raise
+                found = re.search(r"argument[s]?: '(\w+)'", str(err))
+                raise AdapterError(
+                    _MISSING_ARGUMENT.format(
+                        name=name,
+                        method=method_name,
+                        err=err,
+                        arg=found[1] if found else "train",
+                    )
+                ) from err
+
+        def init(k):
+            variables = linen_init(k)
+            sown = _sown_collections(linen_init, k, variables, trainable)
+            if sown:
                 raise AdapterError(
                     _SOWN_STATE.format(
-                        name=type(module).__name__,
-                        collections=kept,
-                        per_call=tuple(dict.fromkeys((*per_call, *kept))),
+                        name=name,
+                        collections=sown,
+                        per_call=tuple(dict.fromkeys((*per_call, *sown))),
                     )
                 )
             return variables
 
-        name = type(module).__name__
         if variables is None:
             if key is None:
                 raise AdapterError(
@@ -386,6 +507,10 @@ class ToEquinox(_display.Displayed, eqx.Module):
         else:
             variables = as_collections(variables, "`variables`")
             variables = {c: t for c, t in variables.items() if c not in per_call}
+            for c, t in variables.items():
+                narrowed = narrowing_problems(TreeSpec.of(t, f"`variables`/{c}"), c)
+                if narrowed:
+                    raise AdapterError(narrowed[0])
             if args or kwargs:
                 expected = jax.eval_shape(
                     init, jax.random.key(0) if key is None else key
@@ -411,13 +536,36 @@ class ToEquinox(_display.Displayed, eqx.Module):
                         "the example arguments it was initialised with (or no "
                         "example arguments, to skip this check)."
                     )
+            elif not set(trainable) & set(variables) and _looks_like_params(
+                variables
+            ):
+                raise AdapterError(
+                    f"The variables given for {name} hold no trainable collection "
+                    f"{trainable} but top-level entries {sorted(variables)}, "
+                    "which read as submodules: the `params` collection alone. Pass "
+                    "`variables={'params': params, ...}` with every collection, as "
+                    "linen's `module.init` returns them."
+                )
 
+        missing = [c for c in trainable if c not in variables and c != "params"]
+        if missing:
+            raise AdapterError(
+                _NOT_A_COLLECTION.format(
+                    names=missing,
+                    verb="is" if len(missing) == 1 else "are",
+                    name=name,
+                    collections=sorted(variables),
+                )
+            )
         specs = {c: TreeSpec.of(t, f"`variables`/{c}") for c, t in variables.items()}
         variables = {c: as_jax_arrays(t, specs[c], c) for c, t in variables.items()}
         self.variables = {c: t for c, t in variables.items() if c in trainable}
         state_trees = {c: t for c, t in variables.items() if c not in trainable}
         self.state_indices = {c: eqx.nn.StateIndex(t) for c, t in state_trees.items()}
         self._state_specs = tuple((c, specs[c]) for c in state_trees)
+
+    def __hash__(self) -> int:
+        raise AdapterTypeError(_JIT_WHOLE_MODEL)
 
     @property
     def linen_module(self) -> nn.Module:
@@ -436,9 +584,12 @@ class ToEquinox(_display.Displayed, eqx.Module):
             )
         )
         fields.append(("inference", self.inference))
-        for name in ("train_kwarg", "deterministic_kwarg"):
-            if getattr(self, name):
-                fields.append((name, ", ".join(getattr(self, name))))
+        mapped = _modes.resolve(
+            self.linen_module, None, self.train_kwarg, self.deterministic_kwarg
+        )
+        for name, names in zip(("train_kwarg", "deterministic_kwarg"), mapped):
+            if names:
+                fields.append((name, ", ".join(names)))
         fields.append(("rng_streams", self.rng_streams))
         return fields
 
@@ -588,6 +739,12 @@ class ToEquinox(_display.Displayed, eqx.Module):
                     "The key is keyword-only, as in Equinox: "
                     "`model(x, state, key=key)`."
                 )
+        if args and isinstance(args[0], Mapping) and not is_box(args[0]):
+            held = {*self.variables, *self.state_indices}
+            if (held or {"params"}) & set(args[0]):
+                raise AdapterError(
+                    _VARIABLES_FIRST.format(collections=sorted(map(str, args[0])))
+                )
         for habit in ("mutable", "rngs"):
             if habit in kwargs:
                 raise AdapterError(
@@ -601,6 +758,14 @@ class ToEquinox(_display.Displayed, eqx.Module):
             got = "missing" if not args else f"of type {type(args[-1]).__name__}"
             raise AdapterError(_NO_STATE.format(got=got))
         *inputs, state = args
+        module = self.linen_module
+        if isinstance(capture, bool):
+            raise AdapterTypeError(
+                f"`capture={capture}`: `capture` takes the names of the collections "
+                "to return, e.g. `capture='intermediates'` or `capture=('intermediates"
+                "', 'losses')`. (`capture=True` is the form of "
+                "`adapters.NNXToEquinox`, for NNX modules.)"
+            )
         capture = normalise_names(capture, "capture")
         for collection in capture:
             if collection in self.state_indices or collection in self.variables:
@@ -610,23 +775,37 @@ class ToEquinox(_display.Displayed, eqx.Module):
                     "for collections created during the call; state collections are "
                     "returned updated in the state."
                 )
+        _check_method(module, method, "method")
+        if key is not None:
+            check_key(key, "`ToEquinox.__call__`'s `key`")
+        train_kwarg, deterministic_kwarg = _modes.resolve(
+            module, method, self.train_kwarg, self.deterministic_kwarg
+        )
+        if "inference" in kwargs and not _modes.accepts(module, method, "inference"):
+            raise AdapterError(
+                f"`ToEquinox.__call__` got `inference=`, which "
+                f"{type(module).__name__} does not take. The wrapper's mode is its "
+                "`inference` field: call `eqx.nn.inference_mode(model)(x, state)` "
+                "(or `eqx.nn.inference_mode(model, False)` for training)."
+            )
 
-        mapped = self.train_kwarg or self.deterministic_kwarg
-        if mapped and isinstance(self.inference, jax.core.Tracer):
+        if (train_kwarg or deterministic_kwarg) and isinstance(
+            self.inference, jax.core.Tracer
+        ):
             raise AdapterTypeError(_TRACED_INFERENCE)
         held = self._state_collections(state)
         variables = {**self.variables, **held}
-        kwargs = _mode_kwargs(
+        kwargs = _modes.mode_kwargs(
             kwargs,
             self.inference,
-            self.train_kwarg,
-            self.deterministic_kwarg,
-            lambda name: _accepts(self.linen_module, method, name, tuple(inputs)),
+            train_kwarg,
+            deterministic_kwarg,
+            lambda name: _modes.accepts(module, method, name, tuple(inputs)),
         )
         rngs = None if key is None else linen_rngs(key, self.rng_streams)
         mutable = [*held, *capture] or False
         try:
-            result = self.linen_module.apply(
+            result = module.apply(
                 variables, *inputs, rngs=rngs, method=method, mutable=mutable, **kwargs
             )
         except flax.errors.InvalidRngError as err:
@@ -663,8 +842,33 @@ class ToEquinox(_display.Displayed, eqx.Module):
                     trainable=tuple(self.variables),
                 )
             raise AdapterError(message) from err
+        except flax.errors.ScopeParamNotFoundError as err:
+            hint = "" if "params" in variables else ", and no `params`"
+            raise AdapterError(
+                _NO_PARAMS.format(
+                    err=err, collections=sorted(variables), params_hint=hint
+                )
+            ) from err
+        except AdapterError:
+            raise
+        except Exception as err:
+            raw = [
+                i
+                for i, x in enumerate(inputs)
+                if isinstance(x, jax.Array)
+                and x.dtype == jnp.uint32
+                and x.shape == (2,)
+            ]
+            if not raw or key is not None:
+                raise
+            raise AdapterError(
+                _RAW_KEY_INPUT.format(type=type(err).__name__, err=err, index=raw[0])
+            ) from err
         out, updates = result if mutable else (result, {})
 
+        # Every update is checked before any is stored, so that a refused call
+        # leaves the caller's state as it was, and usable.
+        markers, values = [], []
         for collection, spec in self._state_specs:
             if collection not in updates:
                 continue
@@ -680,19 +884,22 @@ class ToEquinox(_display.Displayed, eqx.Module):
                 spec, TreeSpec.of(new, collection), collection, "new entry"
             )
             if problems:
-                grown = any(": new entry" in p for p in problems)
-                fix = _FIX_GROWN if grown else _FIX_RESHAPED
                 raise AdapterError(
                     _CHANGED_STATE.format(
                         collection=collection,
                         problems="\n".join(problems),
-                        fix=fix.format(
-                            collection=collection,
-                            per_call=("intermediates", collection),
-                        ),
+                        fix=_changed_fix(problems, collection, inputs, spec),
                     )
                 )
-            state = state.set(self.state_indices[collection], strong(new))
+            markers.append(self.state_indices[collection].marker)
+            # As `eqx.nn.State.set` stores a value (Python scalars as arrays), but
+            # keeping a change of weak type: linen's next call sees what a native
+            # `apply` would give it.
+            values.append(jax.tree.map(jnp.asarray, new))
+        if markers:
+            state = state.update(
+                eqx.nn.State.tree_unflatten(tuple(markers), tuple(values))
+            )
         if capture:
             captured = as_collections(
                 {c: updates.get(c, {}) for c in capture}, "capture"
@@ -710,7 +917,7 @@ def to_equinox(
     rng_streams: str | Sequence[str] = ("dropout",),
     train_kwarg: str | Sequence[str] | None = None,
     deterministic_kwarg: str | Sequence[str] | None = None,
-    inference: bool = False,
+    inference: bool | None = None,
     init_method: str | Callable[..., Any] | None = None,
     per_call: str | Sequence[str] = ("intermediates",),
     **kwargs: Any,
@@ -760,7 +967,7 @@ def to_equinox(
         return eqx.nn.make_with_state(NNXToEquinox)(
             module,
             trainable=nnx.Param if trainable is None else trainable,
-            inference=inference,
+            inference=bool(inference),
         )
     return eqx.nn.make_with_state(ToEquinox)(
         module,

@@ -52,10 +52,34 @@ def linen_rngs(
 
     [`adapters.AdapterError`][] if a stream name is repeated.
     """
+    check_key(key, "`adapters.linen_rngs`'s `key`")
     streams = normalise_names(streams, "streams")
     return {
         s: jax.random.fold_in(key, zlib.crc32(s.encode()) & 0x7FFFFFFF) for s in streams
     }
+
+
+def check_key(key: Any, where: str) -> None:
+    """Refuses anything but one JAX key: a typed key (`jax.random.key`) of shape
+    `()`, or a legacy raw key (`jax.random.PRNGKey`), `uint32[2]`."""
+    if isinstance(key, (jax.Array, np.ndarray)):
+        shape, dtype = tuple(key.shape), key.dtype
+        if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+            if shape == ():
+                return
+            got = f"a batch of keys, {dtype}[{','.join(map(str, shape))}]"
+        elif dtype == jnp.uint32 and shape == (2,):
+            return
+        else:
+            got = f"an array {np.dtype(dtype)}[{','.join(map(str, shape))}]"
+    else:
+        got = f"{type(key).__name__} {key!r}"
+    raise AdapterTypeError(
+        f"{where} must be one JAX PRNG key, `jax.random.key(seed)` (or a legacy "
+        f"`jax.random.PRNGKey(seed)`, uint32[2]), but got {got}. For a batch of "
+        "keys, one per example, map the call with `jax.vmap` (`in_axes` 0 for the "
+        "keys) so that each call gets one key."
+    )
 
 
 def normalise_names(names: str | Iterable[str] | None, what: str) -> tuple[str, ...]:
@@ -64,6 +88,12 @@ def normalise_names(names: str | Iterable[str] | None, what: str) -> tuple[str, 
         return ()
     if isinstance(names, str):
         return (names,)
+    if not isinstance(names, Iterable) or isinstance(names, Mapping):
+        raise AdapterTypeError(
+            f"`{what}` takes a name or a sequence of names (strings), e.g. "
+            f"`{what}=('dropout',)`, but got {names!r} of type "
+            f"{type(names).__name__}."
+        )
     names = tuple(names)
     for name in names:
         if not isinstance(name, str):
@@ -136,7 +166,13 @@ def path_keys(path: tuple[Any, ...]) -> tuple[str, ...]:
 
 def path_str(path: tuple[Any, ...]) -> str:
     """A key path as linen writes it: `Dense_0/kernel`."""
-    return "/".join(path_keys(path))
+    return show_path(path_keys(path))
+
+
+def show_path(keys: tuple[str, ...]) -> str:
+    """String keys as one unambiguous path: `Dense_0/kernel`, with a key that holds
+    a `/` itself quoted (`'a/b'/kernel`), so that it cannot read as two keys."""
+    return "/".join(repr(k) if "/" in k or not k else k for k in keys)
 
 
 def _dtype(dtype: Any) -> Any:
@@ -170,7 +206,14 @@ def abstract_leaf(x: Any, where: str) -> Leaf:
     if hasattr(x, "shape") and hasattr(x, "dtype"):
         return Leaf(tuple(x.shape), _dtype(x.dtype))
     if isinstance(x, (bool, int, float, complex)):
-        return Leaf((), np.dtype(jnp.asarray(x).dtype))
+        try:
+            return Leaf((), np.dtype(jnp.asarray(x).dtype))
+        except OverflowError as err:
+            raise AdapterError(
+                f"{where}: the Python int {x} does not fit a JAX integer array "
+                f"({err}). Store it as a numpy array of a wide enough dtype (with "
+                "64-bit mode enabled for more than 32 bits)."
+            ) from None
     raise AdapterTypeError(
         f"{where}: expected an array, got {type(x).__name__} ({x!r}). The adapters "
         "carry variables that hold arrays (or Python scalars)."
@@ -180,10 +223,12 @@ def abstract_leaf(x: Any, where: str) -> Leaf:
 @dataclasses.dataclass(frozen=True)
 class TreeSpec:
     """The shape of a collection: its tree structure and every leaf's shape/dtype,
-    by path. Hashable, so it can be a static field of an `eqx.Module`."""
+    by path (a tuple of string keys, so that a key `"a/b"` and the nested keys
+    `a`, `b` stay two paths). Hashable, so it can be a static field of an
+    `eqx.Module`."""
 
     treedef: Any
-    leaves: tuple[tuple[str, Leaf], ...]
+    leaves: tuple[tuple[tuple[str, ...], Leaf], ...]
 
     @classmethod
     def of(cls, tree: PyTree, where: str) -> "TreeSpec":
@@ -191,12 +236,14 @@ class TreeSpec:
         flat, _ = jtu.tree_flatten_with_path(tree, is_leaf=is_box)
         leaves = []
         for path, leaf in flat:
-            name = path_str(path)
-            leaves.append((name, abstract_leaf(leaf, f"{where}/{name}")))
+            keys = path_keys(path)
+            leaves.append((keys, abstract_leaf(leaf, f"{where}/{show_path(keys)}")))
         return cls(treedef, tuple(leaves))
 
     def describe(self) -> str:
-        return ", ".join(f"{p}: {leaf}" for p, leaf in self.leaves) or "empty"
+        return ", ".join(f"{show_path(p)}: {leaf}" for p, leaf in self.leaves) or (
+            "empty"
+        )
 
 
 _NARROWED = """\
@@ -206,33 +253,58 @@ would be {stored} and the dtype would be lost. Enable 64-bit mode
 variables to {stored} yourself.\
 """
 
+_ABSTRACT = """\
+Variable {where} is a `jax.ShapeDtypeStruct` ({leaf}), the shape of an array
+without its values, as `jax.eval_shape` or an abstract checkpoint target gives. The
+adapters wrap arrays: restore the values first (e.g. orbax's
+`checkpointer.restore(path, abstract_variables)`), or initialise with example
+arguments and `key=` instead of `variables=`.\
+"""
 
-def as_jax_arrays(tree: PyTree, spec: "TreeSpec", collection: str) -> PyTree:
-    """The tree with numpy leaves as JAX arrays (JAX arrays are kept, never copied),
-    so that Equinox's filters (`eqx.is_inexact_array`) and optax see every array;
-    refuses a dtype that JAX would narrow (float64 in 32-bit mode)."""
+
+def narrowing_problems(spec: "TreeSpec", collection: str) -> list[str]:
+    """The messages for leaves whose dtype JAX would narrow (float64 in 32-bit
+    mode), one a leaf."""
+    problems = []
     for path, leaf in spec.leaves:
         if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.extended):
             continue  # typed PRNG keys
         stored = jax.dtypes.canonicalize_dtype(leaf.dtype)
         if stored != leaf.dtype:
-            raise AdapterError(
-                _NARROWED.format(where=f"{collection}/{path}", leaf=leaf, stored=stored)
-            )
-    return strong(
-        jtu.tree_map(
-            lambda x: jnp.asarray(x) if isinstance(x, (np.ndarray, np.generic)) else x,
-            tree,
-        ),
-        scalars=False,
-    )
+            where = f"{collection}/{show_path(path)}"
+            problems.append(_NARROWED.format(where=where, leaf=leaf, stored=stored))
+    return problems
+
+
+def as_jax_arrays(tree: PyTree, spec: "TreeSpec", collection: str) -> PyTree:
+    """The tree with numpy leaves and Python scalars as JAX arrays (JAX arrays are
+    kept, never copied), so that Equinox's filters (`eqx.is_inexact_array`) and
+    optax see every array; refuses a dtype that JAX would narrow (float64 in 32-bit
+    mode) and abstract arrays.
+
+    Python scalars become what `jnp.asarray` makes of them, weakly typed, and
+    weakly typed arrays stay weakly typed: linen computes with such a variable as it
+    would with the scalar (a bfloat16 input times a weak float32 scalar stays
+    bfloat16), so the wrapper must too."""
+    problems = narrowing_problems(spec, collection)
+    if problems:
+        raise AdapterError(problems[0])
+
+    def one(path, x):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            where = f"{collection}/{path_str(path)}"
+            leaf = Leaf(tuple(x.shape), _dtype(x.dtype))
+            raise AdapterTypeError(_ABSTRACT.format(where=where, leaf=leaf))
+        if isinstance(x, (np.ndarray, np.generic, bool, int, float, complex)):
+            return jnp.asarray(x)
+        return x
+
+    return jtu.tree_map_with_path(one, tree)
 
 
 def strong(tree: PyTree, scalars: bool = True) -> PyTree:
     """The tree with weakly typed arrays (made from Python scalars) strongly typed,
-    dtype kept: a state entry reset to a Python scalar must still fit the
-    `eqx.nn.State`, which compares weak types too. With `scalars`, Python scalars
-    become such arrays too (for state values, which are arrays anyway)."""
+    dtype kept. With `scalars`, Python scalars become such arrays too."""
 
     def one(x):
         if scalars and isinstance(x, (bool, int, float, complex)):
@@ -256,13 +328,14 @@ def spec_problems(
     have = dict(got.leaves)
     problems = []
     for path, leaf in want.items():
+        where = f"{collection}/{show_path(path)}"
         if path not in have:
-            problems.append(f"  {collection}/{path}: missing (expected {leaf})")
+            problems.append(f"  {where}: missing (expected {leaf})")
         elif have[path] != leaf:
-            problems.append(f"  {collection}/{path}: expected {leaf}, got {have[path]}")
+            problems.append(f"  {where}: expected {leaf}, got {have[path]}")
     for path, leaf in have.items():
         if path not in want:
-            problems.append(f"  {collection}/{path}: {extra} ({leaf})")
+            problems.append(f"  {collection}/{show_path(path)}: {extra} ({leaf})")
     if not problems and expected.treedef != got.treedef:
         problems.append(
             f"  {collection}: same entries but a different tree structure (for "

@@ -434,7 +434,7 @@ def test_sown_collection_at_init(getkey):
     with pytest.raises(
         adapters.AdapterError,
         match=_msg(
-            "Sows writes to ['losses'] with `self.sow` during init",
+            "Sows writes to ['losses'] during init only because they are mutable",
             "per_call=('intermediates', 'losses')",
             "capture=",
         ),
