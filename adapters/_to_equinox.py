@@ -121,12 +121,11 @@ does not update it.\
 
 _SOWN_STATE = """\
 {name} writes to {collections} during init only because they are mutable, as
-`self.sow` does (`self.variable` would create them either way: tried by running
-linen's init abstractly once more with each of them immutable). So linen's init
-stores them, and as state they would grow (or, with a `reduce_fn`, accumulate) on
-every call. Declare them per call, `adapters.to_equinox(..., per_call={per_call!r})`,
-and ask for their values at call time with `capture=`. If they are state that must
-persist between calls, create them with `self.variable(...)` in the module.\
+`self.sow` does, so linen's init stores them, and as state they would grow (or, with
+a `reduce_fn`, accumulate) on every call. Declare them per call,
+`adapters.to_equinox(..., per_call={per_call!r})`, and ask for their values at call
+time with `capture=`. If they are state that must persist between calls, create them
+with `self.variable(...)`, which does not depend on the collection being mutable.\
 """
 
 _TRACED_INFERENCE = """\
