@@ -171,6 +171,13 @@ def to_native(
     (and channels-first for convolutions): see the migration guide for each pair's
     input layout. The weights keep their dtype (`param_dtype`).
 
+    `nn.Embed` becomes a real `eqx.nn.Embedding`, with Equinox's indexing: for
+    out-of-range indices (outside `[-num_embeddings, num_embeddings)`), linen
+    returns rows of NaN and `eqx.nn.Embedding` the nearest row of the table
+    (the first or the last), as JAX indexing clamps. In-range indices give
+    linen's rows exactly. Check your indices, or keep the layer wrapped with
+    [`adapters.ToEquinox`][] if you rely on the NaN rows.
+
     !!! Example
 
         ```python

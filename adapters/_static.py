@@ -1,25 +1,91 @@
 """Static data of an `eqx.Module` that may not be hashable."""
 
+import dataclasses
 from typing import Any
+
+import flax.linen as nn
+from flax.core import FrozenDict
+
+
+class _ByIdentity(Exception):
+    """Raised inside `_key` for a value that has no value-based key."""
+
+
+def _key(value: Any, active: set[int]) -> Any:
+    """A hashable key that is equal for equal values, built from the value's
+    contents: a linen module by its type and its compared dataclass fields (the
+    fields linen's own `==` compares, `parent` and `name` included); lists,
+    tuples, dicts and FrozenDicts by their elements in order; floats by their
+    exact bits (`0.0` and `-0.0` differ); other hashable values by themselves,
+    next to their type (so that `1`, `1.0` and `True` differ, as they may in a
+    computation). Raises `_ByIdentity` for anything else (a numpy or JAX array, a
+    module bound to variables, a cycle): those must not be compared by value."""
+    if isinstance(value, nn.Module):
+        if value.scope is not None:  # its result depends on its variables
+            raise _ByIdentity
+        if id(value) in active:
+            raise _ByIdentity
+        active.add(id(value))
+        try:
+            return (
+                type(value),
+                tuple(
+                    (field.name, _key(getattr(value, field.name), active))
+                    for field in dataclasses.fields(value)
+                    if field.compare
+                ),
+            )
+        finally:
+            active.discard(id(value))
+    if type(value) in (list, tuple):
+        if id(value) in active:
+            raise _ByIdentity
+        active.add(id(value))
+        try:
+            return (type(value), tuple(_key(item, active) for item in value))
+        finally:
+            active.discard(id(value))
+    if type(value) in (dict, FrozenDict):  # linen turns dict fields into FrozenDicts
+        if id(value) in active:
+            raise _ByIdentity
+        active.add(id(value))
+        try:
+            return (
+                type(value),
+                tuple((_key(k, active), _key(v, active)) for k, v in value.items()),
+            )
+        finally:
+            active.discard(id(value))
+    if type(value) is float:
+        return (float, value.hex())
+    try:
+        hash(value)
+    except TypeError:
+        raise _ByIdentity from None
+    return (type(value), value)
 
 
 class Static:
     """Holds a linen module (or an NNX graph definition) as static data of an
     `eqx.Module`.
 
-    Linen modules hash by value, except those holding a list or another unhashable
-    attribute (`nn.Sequential` among them): those hash by identity instead, so that
-    `eqx.filter_jit` still caches on them. The hash is computed once.
+    Compared by value: two separately built but identical linen modules are equal
+    and hash alike, those holding lists (`nn.Sequential` among them) included, so
+    that `eqx.filter_jit` does not retrace for a rebuilt wrapper. The key is built
+    once, from the module's dataclass fields (see `_key`). A value holding
+    something that has no value-based key (an array, a bound module) is compared
+    by identity instead: it may cost a retrace, never a wrong equality.
     """
 
-    __slots__ = ("value", "_hash", "_by_value")
+    __slots__ = ("value", "_key", "_hash")
 
     def __init__(self, value: Any):
         self.value = value
         try:
-            self._hash, self._by_value = hash(value), True
-        except TypeError:
-            self._hash, self._by_value = id(value), False
+            self._key: Any = _key(value, set())
+            self._hash = hash(self._key)
+        except (_ByIdentity, TypeError):  # TypeError: an element's own `__hash__`
+            self._key, self._hash = None, id(value)
 
     def __hash__(self) -> int:
         return self._hash
@@ -29,12 +95,12 @@ class Static:
             return NotImplemented
         if self.value is other.value:
             return True
-        return (
-            self._by_value
-            and other._by_value
-            and self._hash == other._hash
-            and bool(self.value == other.value)
-        )
+        if self._key is None or other._key is None or self._hash != other._hash:
+            return False
+        try:
+            return bool(self._key == other._key)
+        except Exception:  # an element whose `==` is not a truth value
+            return False
 
     def __repr__(self) -> str:
         return type(self.value).__name__ + "(...)"

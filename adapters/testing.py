@@ -16,6 +16,7 @@ import equinox as eqx
 import flax.linen as nn
 import jax
 import jax.extend.core as jex_core
+import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import PRNGKeyArray, PyTree
@@ -42,15 +43,21 @@ default); for a model in `adapters.to_linen`'s layout it is
 
 
 def _default_loss(out: PyTree) -> jax.Array:
-    """The mean square of every inexact output leaf, summed: a scalar that depends
-    on every output."""
+    """The mean square of every inexact output leaf (of its modulus, for a complex
+    leaf), summed: a scalar that depends on every output, imaginary parts
+    included."""
     leaves = [x for x in jtu.tree_leaves(out) if eqx.is_inexact_array(x)]
     if not leaves:
         raise TypeError(
             PREFIX + "the output has no floating-point array to differentiate; pass "
             "`loss=` (a function of the output returning a scalar)."
         )
-    return sum(jax.numpy.mean(jax.numpy.square(x.astype("float32"))) for x in leaves)
+    return sum(_mean_square(x) for x in leaves)
+
+
+def _mean_square(x: jax.Array) -> jax.Array:
+    parts = (jnp.real(x), jnp.imag(x)) if jnp.iscomplexobj(x) else (x,)
+    return sum(jnp.mean(jnp.square(part.astype("float32"))) for part in parts)
 
 
 def _flat(tree: PyTree, root: str) -> dict[str, Any]:
@@ -110,8 +117,17 @@ def _sources(
     return find
 
 
+def _dtype(x: Any) -> Any:
+    dtype = getattr(x, "dtype", None)
+    return np.asarray(x).dtype if dtype is None else dtype
+
+
 def _describe(x: Any) -> str:
-    return f"{np.asarray(x).dtype}[{','.join(map(str, np.shape(x)))}]"
+    return f"{_dtype(x)}[{','.join(map(str, np.shape(x)))}]"
+
+
+def _is_key(dtype: Any) -> bool:
+    return jnp.issubdtype(dtype, jax.dtypes.prng_key)
 
 
 class _Checker:
@@ -159,37 +175,106 @@ class _Checker:
                 found = sources(path)
                 if found:
                     name += f" (computed by `as_linen` from {', '.join(found)})"
-            if np.shape(want) != np.shape(have) or (
-                np.asarray(want).dtype != np.asarray(have).dtype
-            ):
+            if np.shape(want) != np.shape(have) or _dtype(want) != _dtype(have):
                 self.fail(
                     check,
                     where,
                     f"{name}: linen {_describe(want)}, Equinox {_describe(have)}.",
                 )
-            a = np.asarray(want).astype(np.float64)
-            b = np.asarray(have).astype(np.float64)
-            if np.allclose(b, a, rtol=self.rtol, atol=self.atol, equal_nan=True):
-                continue
-            one_nan = np.isnan(a) != np.isnan(b)
-            if one_nan.any():
-                side = "Equinox" if np.isnan(b[one_nan]).any() else "linen"
-                self.fail(
-                    check,
-                    where,
-                    f"{name}: NaN on the {side} side only, at "
-                    f"{int(one_nan.sum())} of {a.size} positions.",
-                )
-            error = np.where(np.isnan(a), 0.0, np.abs(b - a))  # NaN on both: equal
-            nonzero = a != 0  # relative error is undefined where linen has 0
-            relative = error[nonzero] / np.abs(a[nonzero])
-            rel = f"{np.max(relative):.3g}" if relative.size else "n/a (all 0)"
-            self.fail(
-                check,
-                where,
-                f"{name}: max abs error {np.max(error):.3g}, max "
-                f"rel error {rel} (rtol={self.rtol}, atol={self.atol}).",
+            detail = self.compare(want, have)
+            if detail is not None:
+                self.fail(check, where, f"{name}: {detail}")
+
+    def compare(self, want: Any, have: Any) -> str | None:
+        """`None` if the candidate leaf `have` matches the reference `want` (same
+        shape and dtype), else what differs. Floating-point leaves are compared
+        within the tolerances, complex ones as complex numbers (the errors are
+        moduli of complex differences); every other dtype (integers, bools, PRNG
+        keys by their key data) exactly. Nothing is cast to a narrower type."""
+        dtype = _dtype(want)
+        if _is_key(dtype):
+            a = np.asarray(jax.random.key_data(want))
+            b = np.asarray(jax.random.key_data(have))
+            return self.exact(a, b, f"the key data of {dtype} keys")
+        a, b = np.asarray(want), np.asarray(have)
+        if jnp.issubdtype(dtype, jnp.complexfloating):
+            return self.inexact(a.astype(np.complex128), b.astype(np.complex128))
+        if jnp.issubdtype(dtype, jnp.floating):
+            return self.inexact(a.astype(np.float64), b.astype(np.float64))
+        return self.exact(a, b, f"{dtype} values")
+
+    def exact(self, a: np.ndarray, b: np.ndarray, what: str) -> str | None:
+        differ = np.asarray(a != b, dtype=bool)
+        if not differ.any():
+            return None
+        index = np.unravel_index(int(np.argmax(differ)), a.shape)
+        at = f" at index {tuple(map(int, index))}" if a.ndim else ""
+        first = (
+            f"the first{at}: linen {a[index].tolist()!r}, Equinox "
+            f"{b[index].tolist()!r}"
+        )
+        errors = ""
+        if a.dtype.kind in "iu":  # exact, in Python integers: no overflow
+            want, have = a[differ].astype(object), b[differ].astype(object)
+            error = np.abs(have - want)
+            nonzero = want != 0
+            relative = error[nonzero] / np.abs(want[nonzero]).astype(np.float64)
+            rel = f"{float(np.max(relative)):.3g}" if relative.size else "n/a (all 0)"
+            errors = f": max abs error {int(np.max(error))}, max rel error {rel}"
+        return (
+            f"{int(differ.sum())} of {a.size} values differ{errors} ({what} are "
+            f"compared exactly, rtol and atol do not apply; {first})."
+        )
+
+    def inexact(self, a: np.ndarray, b: np.ndarray) -> str | None:
+        """`a` and `b` in float64 or complex128; `b` is close to `a` where
+        `|b - a| <= atol + rtol * |a|` (the modulus, for complex values), as in
+        `numpy.allclose`, and NaN in the same parts (real or imaginary)."""
+        is_complex = np.iscomplexobj(a)
+        parts_a = (a.real, a.imag) if is_complex else (a,)
+        parts_b = (b.real, b.imag) if is_complex else (b,)
+        with np.errstate(invalid="ignore", over="ignore"):
+            difference = b - a
+            finite = np.isfinite(a) & np.isfinite(b)
+            close = np.abs(difference) <= self.atol + self.rtol * np.abs(a)
+            # A non-finite value (inf, or NaN in one part of a complex number):
+            # part by part, NaN equal to NaN.
+            partwise = np.logical_and.reduce(
+                [
+                    np.isclose(pb, pa, self.rtol, self.atol, equal_nan=True)
+                    for pa, pb in zip(parts_a, parts_b)
+                ]
             )
+            if np.where(finite, close, partwise).all():
+                return None
+            only_b = np.logical_or.reduce(
+                [np.isnan(pb) & ~np.isnan(pa) for pa, pb in zip(parts_a, parts_b)]
+            )
+            only_a = np.logical_or.reduce(
+                [np.isnan(pa) & ~np.isnan(pb) for pa, pb in zip(parts_a, parts_b)]
+            )
+            one_nan = only_a | only_b
+            if one_nan.any():
+                side = "Equinox" if only_b.any() else "linen"
+                return (
+                    f"NaN on the {side} side only, at {int(one_nan.sum())} of "
+                    f"{a.size} positions."
+                )
+            # NaN in a difference: NaN on both sides (or inf - inf): equal there.
+            parts_d = (
+                (difference.real, difference.imag) if is_complex else (difference,)
+            )
+            error = np.sqrt(
+                sum(np.square(np.where(np.isnan(d), 0.0, d)) for d in parts_d)
+            )
+            reference = (a != 0) & np.isfinite(a)  # relative to linen's non-zeros
+            relative = error[reference] / np.abs(a[reference])
+        rel = f"{np.max(relative):.3g}" if relative.size else "n/a (all 0)"
+        moduli = "; errors are moduli of complex differences" if is_complex else ""
+        return (
+            f"max abs error {np.max(error):.3g}, max rel error {rel} "
+            f"(rtol={self.rtol}, atol={self.atol}{moduli})."
+        )
 
 
 def assert_equivalent(
