@@ -29,7 +29,7 @@ import adapters
 
 
 COLLECTIONS = ["params", "batch_stats", "cache", "stats"]
-KEYS = ["a", "b", "a/b", "kernel", "Dense_0", "0"]
+KEYS = ["a", "b", "a/b", "kernel", "Dense_0", "0", ""]
 DTYPES = [
     jnp.float32,
     jnp.bfloat16,
@@ -59,7 +59,8 @@ def numpy_arrays(draw):
     dtype = np.dtype(draw(st.sampled_from(DTYPES)))
     shape = draw(st.sampled_from(SHAPES))
     size = math.prod(shape)
-    raw = draw(st.binary(min_size=size * dtype.itemsize, max_size=size * dtype.itemsize))
+    nbytes = size * dtype.itemsize
+    raw = draw(st.binary(min_size=nbytes, max_size=nbytes))
     data = np.frombuffer(raw, np.uint8).copy()
     if dtype == np.bool_:
         data = (data % 2).astype(np.bool_)
@@ -89,7 +90,9 @@ def weak_arrays():
     shape (broadcasting keeps the weak type)."""
     scalar = st.one_of(python_floats(), st.integers(-(2**31), 2**31 - 1))
     shape = st.sampled_from([(), (2,), (0,)])
-    return st.builds(lambda s, shape: jnp.broadcast_to(jnp.asarray(s), shape), scalar, shape)
+    return st.builds(
+        lambda s, shape: jnp.broadcast_to(jnp.asarray(s), shape), scalar, shape
+    )
 
 
 def typed_keys():
@@ -111,7 +114,9 @@ def raw_keys():
 
 def array_leaves():
     """Every kind of array leaf (no Python scalars)."""
-    return st.one_of(numpy_arrays(), jax_arrays(), weak_arrays(), typed_keys(), raw_keys())
+    return st.one_of(
+        numpy_arrays(), jax_arrays(), weak_arrays(), typed_keys(), raw_keys()
+    )
 
 
 def leaves():
@@ -125,7 +130,9 @@ def trees(depth, leaf, min_size=0):
     """A nested dict, `depth` levels of dicts at most below the top; inner dicts
     may be empty."""
     if depth == 0:
-        return st.dictionaries(st.sampled_from(KEYS), leaf, min_size=min_size, max_size=4)
+        return st.dictionaries(
+            st.sampled_from(KEYS), leaf, min_size=min_size, max_size=4
+        )
     return st.dictionaries(
         st.sampled_from(KEYS),
         st.one_of(leaf, trees(depth - 1, leaf)),
@@ -149,7 +156,9 @@ def collections_trees(draw, leaf):
 @st.composite
 def linen_cases(draw):
     """`(variables, trainable)`: linen variables and a subset of their collections."""
-    names = draw(st.lists(st.sampled_from(COLLECTIONS), min_size=1, max_size=3, unique=True))
+    names = draw(
+        st.lists(st.sampled_from(COLLECTIONS), min_size=1, max_size=3, unique=True)
+    )
     variables = {name: draw(collections_trees(leaves())) for name in names}
     chosen = draw(st.lists(st.booleans(), min_size=len(names), max_size=len(names)))
     trainable = tuple(name for name, t in zip(names, chosen) if t)
@@ -260,7 +269,8 @@ def test_call_equals_native_apply(case):
     out, new_state = model(X, state)
     native = Echo().apply(variables, X)
     assert_trees_equal(out, native)
-    assert_trees_equal(model.linen_variables(new_state), variables, same_jax_arrays=True)
+    got = model.linen_variables(new_state)
+    assert_trees_equal(got, variables, same_jax_arrays=True)
 
 
 def _inexact(leaf):
@@ -386,6 +396,8 @@ def test_to_linen_round_trip_and_apply_equal_native(case):
     (so bit-exact); and `linen_module.apply(variables, x)` returns what the Equinox
     model returns when called natively, leaf by leaf."""
     model, state = case
+    # The native call gets a State of its own (the same arrays): an `eqx.nn.State`
+    # may be used only once after an update, and the wrapper's copy is separate.
     native_state = None if state is None else jtu.tree_map(lambda x: x, state)
     linen_module, variables = adapters.to_linen(model, state)
 
