@@ -23,39 +23,25 @@ def _key(value: Any, active: set[int]) -> Any:
     if isinstance(value, nn.Module):
         if value.scope is not None:  # its result depends on its variables
             raise _ByIdentity
-        if id(value) in active:
-            raise _ByIdentity
-        active.add(id(value))
-        try:
-            return (
-                type(value),
-                tuple(
-                    (field.name, _key(getattr(value, field.name), active))
-                    for field in dataclasses.fields(value)
-                    if field.compare
-                ),
-            )
-        finally:
-            active.discard(id(value))
+        return _container_key(
+            value,
+            active,
+            lambda: tuple(
+                (field.name, _key(getattr(value, field.name), active))
+                for field in dataclasses.fields(value)
+                if field.compare
+            ),
+        )
     if type(value) in (list, tuple):
-        if id(value) in active:
-            raise _ByIdentity
-        active.add(id(value))
-        try:
-            return (type(value), tuple(_key(item, active) for item in value))
-        finally:
-            active.discard(id(value))
+        return _container_key(
+            value, active, lambda: tuple(_key(item, active) for item in value)
+        )
     if type(value) in (dict, FrozenDict):  # linen turns dict fields into FrozenDicts
-        if id(value) in active:
-            raise _ByIdentity
-        active.add(id(value))
-        try:
-            return (
-                type(value),
-                tuple((_key(k, active), _key(v, active)) for k, v in value.items()),
-            )
-        finally:
-            active.discard(id(value))
+        return _container_key(
+            value,
+            active,
+            lambda: tuple((_key(k, active), _key(v, active)) for k, v in value.items()),
+        )
     if type(value) is float:
         return (float, value.hex())
     try:
@@ -63,6 +49,18 @@ def _key(value: Any, active: set[int]) -> Any:
     except TypeError:
         raise _ByIdentity from None
     return (type(value), value)
+
+
+def _container_key(value: Any, active: set[int], contents: Any) -> Any:
+    """`(type(value), contents())`, refusing a cycle: `active` holds the ids of the
+    containers being keyed further up."""
+    if id(value) in active:
+        raise _ByIdentity
+    active.add(id(value))
+    try:
+        return (type(value), contents())
+    finally:
+        active.discard(id(value))
 
 
 class Static:
