@@ -10,6 +10,7 @@ from ._native import (
     to_native as to_native,
 )
 from ._nnx import NNXToEquinox as NNXToEquinox
+from ._nnx_rngs import nnx_reseed as nnx_reseed
 from ._sharding import (
     named_shardings as named_shardings,
     partition_specs as partition_specs,
@@ -28,6 +29,7 @@ __all__ = [
     "from_native",
     "linen_rngs",
     "named_shardings",
+    "nnx_reseed",
     "partition_specs",
     "register_converter",
     "testing",
