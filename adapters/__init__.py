@@ -17,11 +17,13 @@ from ._sharding import (
 )
 from ._to_equinox import to_equinox as to_equinox, ToEquinox as ToEquinox
 from ._to_linen import to_linen as to_linen, ToLinen as ToLinen
+from ._to_nnx import EquinoxToNNX as EquinoxToNNX, to_nnx as to_nnx
 from ._variables import linen_rngs as linen_rngs
 
 
 __all__ = [
     "AdapterError",
+    "EquinoxToNNX",
     "LinenBatchNorm",
     "NNXToEquinox",
     "ToEquinox",
@@ -36,5 +38,6 @@ __all__ = [
     "to_equinox",
     "to_linen",
     "to_native",
+    "to_nnx",
 ]
 __version__ = "0.1.0"

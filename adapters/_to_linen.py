@@ -1,24 +1,20 @@
 """An Equinox model inside linen: `ToLinen` and `to_linen`."""
 
-import re
 from collections.abc import Callable, Hashable
 from typing import Any
 
 import equinox as eqx
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import PRNGKeyArray, PyTree
 
 from . import _display
+from ._equinox_models import as_model_and_state, call_model
 from ._errors import AdapterError, AdapterTypeError
 from ._sharding import box_variables, Partition
 from ._variables import (
     equinox_to_variables,
-    is_state_index,
-    spec_problems,
-    TreeSpec,
     variables_to_equinox,
 )
 
@@ -29,259 +25,6 @@ mutable in this `apply`, and the adapter will not drop the update. Pass
 `mutable=[{collection!r}]` to `apply` (and keep the returned updates), or call the
 model in inference mode with `inference=True`.\
 """
-
-_PER_EXAMPLE_STATE = """\
-With `vmap_axis={axis}`, the Equinox model is mapped over linen's batch axis with
-its state unmapped, but the model computed a different state update for each
-example. Give the model's stateful layers the `axis_name` that `ToLinen` maps over
-(e.g. `eqx.nn.BatchNorm(..., axis_name={axis_name!r})` with
-`ToLinen(..., axis_name={axis_name!r})`), so that they reduce across the batch.\
-"""
-
-
-_UNBOUND_AXIS = """\
-The Equinox model reduces over axis name {name!r} (e.g. an `eqx.nn.BatchNorm(...,
-axis_name={name!r})`), but this `ToLinen` does not map over an axis of that name
-(`vmap_axis={axis}`, `axis_name={axis_name!r}`). Name linen's batch axis as the
-model's layers do: `ToLinen(..., vmap_axis=0, axis_name={name!r})`, or
-`adapters.to_linen(model, state, vmap_axis=0, axis_name={name!r})`.\
-"""
-
-
-_STATE_DOES_NOT_FIT = """\
-{where}: the `eqx.nn.State` does not fit the Equinox model; each entry
-must have the tree structure, shape and dtype of the initial value of its
-`eqx.nn.StateIndex`:
-{problems}
-The state was probably made for another model (or edited by hand). Pass the state
-made together with this model by `eqx.nn.make_with_state`: `model, state =
-eqx.nn.make_with_state(Model)(...)`.\
-"""
-
-# What `eqx.nn.delete_init_state` (and so `make_with_state`) leaves in place of a
-# `StateIndex`'s initial value. Compared by type: a pytree round trip (e.g.
-# `eqx.filter_eval_shape`) rebuilds the sentinel, so identity is not kept.
-_DELETED_INIT = type(eqx.nn.delete_init_state(eqx.nn.StateIndex(0)).init)
-
-
-def _holds_init(x: Any) -> bool:
-    return is_state_index(x) and not isinstance(x.init, _DELETED_INIT)
-
-
-# Equinox's own stateful layers whose state's shapes follow from their fields. For
-# these, an index whose initial value was deleted (`eqx.nn.make_with_state` does) gets
-# it back, abstractly: the layer's own constructor runs under
-# `eqx.filter_eval_shape` with the given layer's fields (no array is allocated).
-# Exact types only: a subclass may build its state otherwise. A user's own layer
-# records nothing of its state once its initial value is deleted, so there only
-# the entry's presence is checked (and a mis-shaped entry fails inside the
-# computation, with JAX's shape error or Equinox's `State.set` error).
-_BATCH_NORM_INDICES = (
-    "ema_first_time_index",
-    "ema_state_index",
-    "batch_counter",
-    "batch_state_index",
-)
-
-
-def _batch_norm_inits(layer: eqx.nn.BatchNorm) -> dict[Any, PyTree]:
-    # The state's float dtype is the constructor's `dtype=` (there the weight's);
-    # with `channelwise_affine=False` there is no weight and the default is taken.
-    # Either way it is only displayed: see `_loosen`.
-    weight = layer.weight
-    dtype = None if weight is None else weight.dtype
-    built = eqx.filter_eval_shape(
-        lambda: eqx.nn.BatchNorm(
-            layer.input_size,
-            layer.axis_name,
-            eps=layer.eps,
-            channelwise_affine=layer.channelwise_affine,
-            momentum=layer.momentum,
-            inference=layer.inference,
-            dtype=dtype,
-            mode=layer.mode,
-        )
-    )
-    inits = {}
-    for name in _BATCH_NORM_INDICES:
-        index, derived = getattr(layer, name), getattr(built, name)
-        if is_state_index(index) and is_state_index(derived):
-            inits[index.marker] = derived.init
-    return inits
-
-
-def _spectral_norm_inits(layer: eqx.nn.SpectralNorm) -> dict[Any, PyTree]:
-    # `u` and `v` take the dtype of the wrapped weight at construction.
-    def build(inner):
-        return eqx.nn.SpectralNorm(
-            inner,
-            layer.weight_name,
-            num_power_iterations=layer.num_power_iterations,
-            eps=layer.eps,
-            inference=layer.inference,
-            key=jax.random.key(0),  # traced only: the values are never computed
-        )
-
-    built = eqx.filter_eval_shape(build, layer.layer)
-    return {layer.uv_index.marker: built.uv_index.init}
-
-
-_DERIVE = {
-    eqx.nn.BatchNorm: _batch_norm_inits,
-    eqx.nn.SpectralNorm: _spectral_norm_inits,
-}
-
-
-def _derived_inits(tree: PyTree) -> dict[Any, PyTree]:
-    """The abstract initial value, by marker, of every deleted-init `StateIndex` of
-    an Equinox `BatchNorm` or `SpectralNorm` in `tree` (also nested: inside
-    `eqx.nn.Sequential`, a user's module, or the layer a `SpectralNorm` wraps)."""
-    inits: dict[Any, PyTree] = {}
-    layers = jtu.tree_leaves(tree, is_leaf=lambda x: type(x) in _DERIVE)
-    for layer in layers:
-        if type(layer) not in _DERIVE:
-            continue
-        if type(layer) is eqx.nn.SpectralNorm:
-            inits.update(_derived_inits(layer.layer))
-        indices = jtu.tree_leaves(layer, is_leaf=is_state_index)
-        if all(_holds_init(x) for x in indices if is_state_index(x)):
-            continue  # nothing deleted: the held initial values are compared
-        try:
-            derived = _DERIVE[type(layer)](layer)
-        except Exception:  # fields the constructor refuses: leave it unchecked
-            continue  # rather than refuse a state that may well run
-        inits.update(derived)
-    return inits
-
-
-def _inexact(x: Any) -> bool:
-    dtype = getattr(x, "dtype", None)
-    return dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
-
-
-def _loosen(expected: PyTree, given: PyTree) -> PyTree:
-    """A derived initial value, with each floating leaf taking the dtype of the
-    given entry's leaf where that is floating too: shapes are checked, float
-    dtypes not. The dtype the state was built with is not recorded once the
-    initial value is deleted: the weight may have been cast since (float32
-    statistics with bfloat16 params run natively), or be absent
-    (`channelwise_affine=False`). Integer and bool entries (a step counter, a
-    first-time flag) keep their dtype, which the layer's definition fixes."""
-    if jtu.tree_structure(expected) != jtu.tree_structure(given):
-        return expected  # reported as a structure problem
-    return jtu.tree_map(
-        lambda e, g: (
-            jax.ShapeDtypeStruct(e.shape, g.dtype) if _inexact(e) and _inexact(g) else e
-        ),
-        expected,
-        given,
-    )
-
-
-def _stored(value: PyTree) -> PyTree:
-    """What `eqx.nn.State` stores for an initial value: `jnp.asarray` of each leaf
-    (so numpy float64 is float32 in JAX's 32-bit mode)."""
-    return jtu.tree_map(jnp.asarray, value)
-
-
-def _check_state(
-    model: PyTree,
-    state: eqx.nn.State,
-    where: str,
-    state_collection: str,
-    buffer_collection: str,
-) -> None:
-    """Checks a given state against the initial values that the model's
-    `StateIndex`es still hold, or, where `eqx.nn.make_with_state` deleted them,
-    against those an Equinox `BatchNorm` or `SpectralNorm` is built with
-    (`_derived_inits`): each entry there, with the tree structure, shapes and
-    dtypes that `eqx.nn.State(model)` would store (float dtypes not, for derived
-    ones: `_loosen`). Any other index whose initial value was deleted says nothing
-    about shapes: only its entry's presence is checked (by
-    `equinox_to_variables`). Reads only: the model and the state are neither
-    changed nor consumed."""
-    derived = _derived_inits(model)
-    filled = set()  # markers whose initial value is derived, not held
-
-    def known_index(x):
-        if not is_state_index(x) or _holds_init(x):
-            return x
-        if x.marker in derived:  # a copy: the model keeps its deleted init
-            filled.add(x.marker)
-            return eqx.tree_at(lambda i: i.init, x, derived[x.marker])
-        return None
-
-    # The model with only the indices whose initial value is known (as shapes, no
-    # compute; held ones may be `jax.ShapeDtypeStruct`s, from
-    # `eqx.filter_eval_shape`), and the state `eqx.nn.State` would make of them.
-    known = jtu.tree_map(known_index, model, is_leaf=is_state_index)
-    leaves = jtu.tree_leaves(known, is_leaf=is_state_index)
-    indices = [x for x in leaves if is_state_index(x)]
-    if not indices:
-        return
-    names = (state_collection, buffer_collection)
-    # A missing entry raises here, with the library's message and path.
-    got = equinox_to_variables(known, state, *names)[state_collection]
-    values, markers = state.tree_flatten()
-    given = dict(zip(markers, values, strict=True))
-    initial = {}
-    for x in indices:
-        init = jax.eval_shape(_stored, x.init)
-        if x.marker in filled:
-            init = _loosen(init, given[x.marker])
-        initial[x.marker] = init
-    initial = eqx.nn.State.tree_unflatten(tuple(initial), tuple(initial.values()))
-    expected = equinox_to_variables(known, initial, *names)[state_collection]
-    context = f"{where}: {state_collection}"
-    problems = spec_problems(
-        TreeSpec.of(expected, context),
-        TreeSpec.of(got, context),
-        state_collection,
-        extra="entry that the initial value of its `eqx.nn.StateIndex` does not have",
-    )
-    if problems:
-        raise AdapterError(
-            _STATE_DOES_NOT_FIT.format(where=where, problems="\n".join(problems))
-        )
-
-
-def _as_model_and_state(
-    result: Any,
-    where: str,
-    state_collection: str = "batch_stats",
-    buffer_collection: str = "constants",
-) -> tuple[PyTree, eqx.nn.State | None]:
-    """A factory's result, `model` or `(model, state)`, as `(model, state)`. A
-    given state is checked against the initial values the model still holds
-    (before `delete_init_state` removes them), or that its Equinox `BatchNorm`s
-    and `SpectralNorm`s are built with."""
-    if isinstance(result, tuple) and len(result) == 2:
-        model, state = result
-    else:
-        model, state = result, None
-    if not isinstance(model, eqx.Module):
-        raise AdapterTypeError(
-            f"{where} must return an Equinox module, or `(model, state)` as "
-            "`eqx.nn.make_with_state(Model)(...)` returns, but returned "
-            f"{type(result).__name__}."
-        )
-    if state is not None and not isinstance(state, eqx.nn.State):
-        raise AdapterTypeError(
-            f"{where} returned `(model, state)` whose state is a "
-            f"{type(state).__name__}, not an `eqx.nn.State`."
-        )
-    stateful = any(map(is_state_index, jtu.tree_leaves(model, is_leaf=is_state_index)))
-    if state is not None:
-        _check_state(model, state, where, state_collection, buffer_collection)
-    if state is None and stateful:
-        try:  # a model built without make_with_state still holds its initial state
-            state = eqx.nn.State(model)
-        except ValueError:
-            raise AdapterError(
-                f"{where}: the Equinox model has state but no `eqx.nn.State` was "
-                "given. Pass the state from `eqx.nn.make_with_state(Model)(...)`."
-            ) from None
-    return eqx.nn.delete_init_state(model), state
 
 
 class ToLinen(_display.Displayed, nn.Module):
@@ -384,12 +127,12 @@ class ToLinen(_display.Displayed, nn.Module):
         self._check_fields()
         names = (self.state_collection, self.buffer_collection)
         if self.make is None:
-            return _as_model_and_state(
+            return as_model_and_state(
                 (self.model, self.state), "`ToLinen(model=...)`", *names
             )
 
         def make(key):
-            return _as_model_and_state(self.make(key), "`ToLinen(make=...)`", *names)
+            return as_model_and_state(self.make(key), "`ToLinen(make=...)`", *names)
 
         if initializing:
             return make(self.make_rng("params"))
@@ -510,7 +253,17 @@ class ToLinen(_display.Displayed, nn.Module):
         # The call consumes `state` (Equinox's guard against reuse): keep its leaves.
         old_leaves = jtu.tree_leaves(state)
         try:
-            out, new_state = self._call_model(model, state, args, kwargs)
+            out, new_state = call_model(
+                model,
+                state,
+                args,
+                kwargs,
+                kwargs.pop("key", None),
+                self.vmap_axis,
+                self.axis_name,
+                "ToLinen",
+                "adapters.to_linen",
+            )
         except (RuntimeError, TypeError) as err:
             if "key" not in str(err) or "key" in kwargs:
                 raise
@@ -535,55 +288,6 @@ class ToLinen(_display.Displayed, nn.Module):
         )[self.state_collection].items():
             self.put_variable(self.state_collection, name, value)
         return out
-
-    @nn.nowrap  # a plain helper: linen must not record its (consumed) state argument
-    def _call_model(
-        self,
-        model: PyTree,
-        state: eqx.nn.State | None,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> tuple[Any, eqx.nn.State | None]:
-        def call(args, key):
-            kw = kwargs if key is None else {**kwargs, "key": key}
-            if state is None:
-                return model(*args, **kw), None
-            return model(*args, state, **kw)
-
-        key = kwargs.pop("key", None)
-        if self.vmap_axis is None:
-            return call(args, key)
-        axis = self.vmap_axis
-        if not args:
-            raise AdapterError(
-                "`ToLinen(vmap_axis=...)` maps the model over the batch axis of its "
-                "positional inputs, but the call has none."
-            )
-        size = jtu.tree_leaves(args)[0].shape[axis]
-        keys = None if key is None else jax.random.split(key, size)
-        mapped = jax.vmap(
-            call,
-            in_axes=(axis, None if keys is None else 0),
-            out_axes=(axis, None),
-            axis_name=self.axis_name,
-        )
-        try:
-            return mapped(args, keys)
-        except NameError as err:
-            found = re.search(r"unbound axis name: (.+?)\.", str(err))
-            if found is None:
-                raise
-            raise AdapterError(
-                _UNBOUND_AXIS.format(name=found[1], axis=axis, axis_name=self.axis_name)
-            ) from err
-        except ValueError as err:
-            if "out_axes" not in str(err):
-                raise
-            raise AdapterError(
-                _PER_EXAMPLE_STATE.format(
-                    axis=axis, axis_name=self.axis_name or "batch"
-                )
-            ) from err
 
 
 def to_linen(
@@ -629,7 +333,7 @@ def to_linen(
         partition=partition,
     )
     module._check_fields()
-    model, state = _as_model_and_state(
+    model, state = as_model_and_state(
         (model, state), "`adapters.to_linen`", state_collection, buffer_collection
     )
     variables = equinox_to_variables(model, state, state_collection, buffer_collection)

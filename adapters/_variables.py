@@ -390,7 +390,7 @@ def is_arraylike(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
 
 
-def _insert(tree: dict, keys: tuple[str, ...], value: Any, where: str) -> None:
+def insert_at(tree: dict, keys: tuple[str, ...], value: Any, where: str) -> None:
     if not keys:
         raise AdapterTypeError(
             f"{where}: expected an Equinox module (or another pytree) holding arrays, "
@@ -402,7 +402,7 @@ def _insert(tree: dict, keys: tuple[str, ...], value: Any, where: str) -> None:
     node[keys[-1]] = value
 
 
-def _lookup(tree: Any, keys: tuple[str, ...]) -> Any:
+def lookup_at(tree: Any, keys: tuple[str, ...]) -> Any:
     for k in keys:
         tree = tree[k]
     return tree
@@ -439,11 +439,11 @@ def equinox_to_variables(
                     f"`eqx.nn.StateIndex` at {where!r}: it was made for another "
                     "model. Pass the state made together with this model."
                 ) from None
-            _insert(collections[state_collection], keys, value, where)
+            insert_at(collections[state_collection], keys, value, where)
         elif is_arraylike(leaf):
             inexact = jnp.issubdtype(leaf.dtype, jnp.inexact)
             name = "params" if inexact else buffer_collection
-            _insert(collections[name], keys, leaf, where)
+            insert_at(collections[name], keys, leaf, where)
     return {c: t for c, t in collections.items() if t}
 
 
@@ -480,10 +480,10 @@ def variables_to_equinox(
         keys = path_keys(path)
         if is_state_index(leaf):
             markers.append(leaf.marker)
-            values.append(_lookup(got[state_collection], keys))
+            values.append(lookup_at(got[state_collection], keys))
         elif is_arraylike(leaf):
             inexact = jnp.issubdtype(leaf.dtype, jnp.inexact)
-            leaf = _lookup(got["params" if inexact else buffer_collection], keys)
+            leaf = lookup_at(got["params" if inexact else buffer_collection], keys)
         leaves.append(leaf)
     model = jtu.tree_unflatten(treedef, leaves)
     state = eqx.nn.State.tree_unflatten(tuple(markers), tuple(values))
