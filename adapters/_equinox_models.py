@@ -34,10 +34,12 @@ model's layers do: `{wrapper}(..., vmap_axis=0, axis_name={name!r})`, or
 
 _WHOLE_BATCH = """\
 This `{wrapper}` has no `vmap_axis`, so it called the Equinox model on the whole
-batch, which failed ({error}). Equinox models act on one example (an
-`eqx.nn.Linear` takes a vector), and mapped over axis 0 of the inputs this model
-runs. Pass the batch axis: `{shortcut}(model, state, vmap_axis=0{axis_name})`, or
-`{wrapper}(..., vmap_axis=0{axis_name})`{reduces}.\
+batch, and the model failed:
+  {error}
+Equinox models act on one example (an `eqx.nn.Linear` takes a vector), and this
+model runs mapped over axis 0 of the inputs. Pass the batch axis{reduces}:
+`{shortcut}(model, state, vmap_axis=0{axis_name})`, or
+`{wrapper}(..., vmap_axis=0{axis_name})`.\
 """
 
 _NO_ARGS = """\
@@ -396,5 +398,5 @@ def _axis_hint(name: str | None) -> dict[str, str]:
         return {"axis_name": "", "reduces": ""}
     return {
         "axis_name": f", axis_name={name!r}",
-        "reduces": f", naming the axis that the model reduces over ({name!r})",
+        "reduces": f" and the axis name that the model reduces over ({name!r})",
     }

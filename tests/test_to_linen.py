@@ -364,3 +364,42 @@ def test_missing_rng_stream_hint(getkey):
     module, variables = adapters.to_linen(eqx.nn.Dropout(0.5))
     with pytest.raises(adapters.AdapterError, match=r"rngs=\{'dropout': key\}"):
         module.apply(variables, jnp.ones(4))
+
+
+def test_per_example_model_on_a_batch_without_vmap_axis(getkey):
+    """An Equinox model acts on one example: given linen's batch without
+    `vmap_axis`, the error says so and names the fix, instead of JAX's shape error;
+    with the fix, the output is the native per-example one."""
+    mlp = eqx.nn.MLP(3, 2, 8, 2, key=getkey())
+    x = jr.normal(getkey(), (8, 3))
+    module, variables = adapters.to_linen(mlp)
+    with pytest.raises(adapters.AdapterError, match=r"act on one example") as info:
+        module.apply(variables, x)
+    assert "vmap_axis=0" in str(info.value)
+    assert "dot_general" in str(info.value)  # the underlying failure, named
+    module, variables = adapters.to_linen(mlp, vmap_axis=0)
+    chex.assert_trees_all_equal(module.apply(variables, x), jax.vmap(mlp)(x))
+
+
+def test_axis_name_without_vmap_axis(getkey):
+    """A model reducing over a named axis, called without `vmap_axis`: on a batch,
+    the error names both options; on one example, JAX's "unbound axis name ...
+    shard_map" becomes an error naming them too."""
+    model, state = eqx.nn.make_with_state(Stack)(getkey())
+    x = jr.normal(getkey(), (8, 3))
+    module, variables = adapters.to_linen(model, state)
+    with pytest.raises(adapters.AdapterError, match=r"act on one example") as info:
+        module.apply(variables, x, mutable=["batch_stats"])
+    assert "vmap_axis=0, axis_name='batch'" in str(info.value)
+    # One example (no batch) reaches the same axis: the same error, not a shape one.
+    with pytest.raises(adapters.AdapterError, match=r"axis name 'batch'"):
+        module.apply(variables, x[0], mutable=["batch_stats"])
+
+
+def test_a_model_failing_for_another_reason_keeps_its_error(getkey):
+    """Only a failure that mapping over axis 0 would fix is rewritten: a model
+    that fails per example too keeps JAX's own error."""
+    mlp = eqx.nn.MLP(3, 2, 8, 2, key=getkey())
+    module, variables = adapters.to_linen(mlp)
+    with pytest.raises(TypeError, match="dot_general"):
+        module.apply(variables, jnp.ones((8, 5)))
