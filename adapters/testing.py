@@ -1,12 +1,14 @@
-"""Assertions for your own test suite: does an Equinox model compute what a linen
-model computes?
+"""Assertions for your own test suite: does an Equinox model compute what a Flax
+model (linen or NNX) computes?
 
 `assert_equivalent` runs both models on the same inputs and keys, in training and in
 inference mode, and compares outputs, state updates, gradients of a loss with
-respect to the trainable arrays, and (optionally) several optimiser steps. Like
-chex's assertions it raises an `AssertionError` with one prefix,
+respect to the trainable arrays, and (optionally) several optimiser steps. The
+reference is a linen module with its variables, run with linen's own `apply`, or an
+initialised NNX module, run with NNX's own functional API (`nnx.split` /
+`nnx.merge`). Like chex's assertions it raises an `AssertionError` with one prefix,
 `[adapters.testing]`, whose message names the check that failed, the first
-differing leaf by its linen path and its Equinox path, and the errors.
+differing leaf by its linen (or NNX) path and its Equinox path, and the errors.
 """
 
 from collections.abc import Callable, Sequence
@@ -19,9 +21,12 @@ import jax.extend.core as jex_core
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+from flax import nnx
 from jaxtyping import PRNGKeyArray, PyTree
 
 from ._errors import AdapterError
+from ._nnx import NNXToEquinox
+from ._nnx_rngs import nnx_reseed
 from ._to_equinox import ToEquinox
 from ._variables import is_state_index, normalise_names, path_str
 
@@ -39,6 +44,67 @@ layout, so it needs to know where each Equinox array goes: pass
 wrapped with `adapters.to_equinox` this is `model.linen_variables(state)` (the
 default); for a model in `adapters.to_linen`'s layout it is
 `lambda m, s: adapters.to_linen(m, s)[1]`.\
+"""
+
+_NO_AS_NNX = """\
+`assert_equivalent` compares the Equinox model with the NNX module in NNX's layout,
+the nested dict `nnx.to_pure_dict(nnx.state(module))` (paths like `linear/kernel`),
+so it needs to know where each Equinox array goes: pass
+`as_nnx=lambda model, state: ...` returning that nested dict, trainable variables
+and state together. For a module wrapped with `adapters.to_equinox(nnx_module)` (an
+`adapters.NNXToEquinox`) the layouts are matched without it.\
+"""
+
+_NOT_A_REFERENCE = """\
+`assert_equivalent` takes as its reference a `flax.linen.Module` with its variables,
+`assert_equivalent(linen_module, variables, model, state, ...)`, or an initialised
+`flax.nnx.Module` with `variables=None`,
+`assert_equivalent(nnx_module, None, model, state, ...)`; got {got}.\
+"""
+
+_NNX_VARIABLES = """\
+The reference is an NNX module, which holds its own variables, but `variables` is
+{got}. Pass `variables=None`: `assert_equivalent(nnx_module, None, model, state,
+...)`. (To compare with other values, assign them to the module first, e.g. with
+`nnx.update(module, new_state)`.)\
+"""
+
+_LINEN_VARIABLES = """\
+The reference is a linen module, which holds no variables of its own, but
+`variables` is None. Pass its variables: `assert_equivalent(linen_module, variables,
+model, state, ...)`, e.g. `variables = linen_module.init(key, x)`.\
+"""
+
+_AS_LINEN_FOR_NNX = """\
+The reference is an NNX module, but `as_linen=` was given: `as_linen` places the
+Equinox arrays in a linen reference's layout. For an NNX reference pass
+`as_nnx=lambda model, state: ...` returning the nested dict
+`nnx.to_pure_dict(nnx.state(module))` would give (paths like `linear/kernel`).\
+"""
+
+_AS_NNX_FOR_LINEN = """\
+The reference is a linen module, but `as_nnx=` was given: `as_nnx` places the
+Equinox arrays in an NNX reference's layout. For a linen reference pass
+`as_linen=lambda model, state: ...` returning a linen variables dict.\
+"""
+
+_LINEN_OPTIONS_FOR_NNX = """\
+The reference is an NNX module, but {names} (options of how to call a linen module)
+{verb} given. An NNX module is called as it is in training mode and after
+`module.eval()` in inference mode, and its own RNG streams give its randomness (with
+`key=`, reseeded by `adapters.nnx_reseed`): leave {them} out.\
+"""
+
+_NNX_TRAINABLE = """\
+For an NNX reference `trainable` is an NNX filter of the trainable variables, e.g.
+`nnx.Param` (the default) or `(nnx.Param, MyVariable)`, not linen collection
+names; got {got!r}.{err}\
+"""
+
+_NOT_SPLITTABLE = """\
+`assert_equivalent` could not split the NNX reference {name} with the `trainable`
+filter ({err}). NNX modules must keep their arrays in `nnx.Variable`s and be
+splittable with `nnx.split(module, trainable, ...)`.\
 """
 
 
@@ -87,22 +153,24 @@ def _equinox_paths(
 
 
 def _sources(
-    as_linen: Callable, model: PyTree, state: Any, name: str
+    mapping: Callable, model: PyTree, state: Any, name: str
 ) -> Callable[[str], list[str]]:
-    """For a leaf that `as_linen` computes, the paths of the model's arrays it is
-    computed from: found by tracing `as_linen` to a jaxpr and walking back from
-    that leaf to the inputs it depends on. Runs only when a check fails."""
+    """For a leaf that `mapping` (`as_linen` or `as_nnx`) computes, the paths of the
+    model's arrays it is computed from: found by tracing `mapping` to a jaxpr and
+    walking back from that leaf to the inputs it depends on. Runs only when a check
+    fails."""
 
-    def find(linen_path: str) -> list[str]:
+    def find(reference_path: str) -> list[str]:
         arrays, static = eqx.partition(model, eqx.is_array)
         flat, _ = jtu.tree_flatten_with_path(arrays)
 
         def leaf(arrays):
-            return _flat(as_linen(eqx.combine(arrays, static), state), "")[linen_path]
+            tree = mapping(eqx.combine(arrays, static), state)
+            return _flat(tree, "")[reference_path]
 
         try:
             jaxpr = jax.make_jaxpr(leaf)(arrays).jaxpr
-        except Exception:  # an `as_linen` that cannot be traced: no names
+        except Exception:  # a mapping that cannot be traced: no names
             return []
         needed = {v for v in jaxpr.outvars if isinstance(v, jex_core.Var)}
         for eqn in reversed(jaxpr.eqns):
@@ -131,8 +199,20 @@ def _is_key(dtype: Any) -> bool:
 
 
 class _Checker:
-    def __init__(self, rtol: float, atol: float):
+    """Compares the reference's trees with the candidate's, leaf by leaf, and fails
+    with a message naming the first leaf that differs. `reference` names the
+    reference side in messages (`"linen"` or `"NNX"`), `mapping` the argument that
+    puts the candidate into its layout (`"as_linen"` or `"as_nnx"`)."""
+
+    def __init__(
+        self,
+        rtol: float,
+        atol: float,
+        reference: str = "linen",
+        mapping: str = "as_linen",
+    ):
         self.rtol, self.atol = rtol, atol
+        self.reference, self.mapping = reference, mapping
         self.note = ""
 
     def fail(self, check: str, where: str, detail: str) -> None:
@@ -146,40 +226,41 @@ class _Checker:
         self,
         check: str,
         where: str,
-        linen: PyTree,
+        reference: PyTree,
         equinox: PyTree,
         equinox_paths: dict[int, str] | None = None,
         sources: Callable[[str], list[str]] | None = None,
     ) -> None:
-        """`linen` is the reference, `equinox` the candidate, both in linen's
-        layout; `equinox_paths` names the candidate's leaves in the Equinox model,
-        and `sources(path)` the Equinox arrays that a leaf `as_linen` computed
-        (e.g. a transposed kernel) is made from."""
+        """`reference` is the reference's tree, `equinox` the candidate's, both in
+        the reference's layout; `equinox_paths` names the candidate's leaves in the
+        Equinox model, and `sources(path)` the Equinox arrays that a leaf the
+        mapping computed (e.g. a transposed kernel) is made from."""
+        ref = self.reference
         root = "output" if check == "output" else ""
-        expected, got = _flat(linen, root), _flat(equinox, root)
+        expected, got = _flat(reference, root), _flat(equinox, root)
         missing = [p for p in expected if p not in got]
         extra = [p for p in got if p not in expected]
         if missing or extra:
             self.fail(
                 check,
                 where,
-                f"in structure: linen paths missing on the Equinox side: {missing}; "
-                f"Equinox paths that linen does not have: {extra}.",
+                f"in structure: {ref} paths missing on the Equinox side: {missing}; "
+                f"Equinox paths that {ref} does not have: {extra}.",
             )
         for path, want in expected.items():
             have = got[path]
-            name = f"at {path!r}" if check == "output" else f"at linen path {path!r}"
+            name = f"at {path!r}" if check == "output" else f"at {ref} path {path!r}"
             if equinox_paths is not None and id(have) in equinox_paths:
                 name += f" (Equinox path {equinox_paths[id(have)]})"
             elif sources is not None:
                 found = sources(path)
                 if found:
-                    name += f" (computed by `as_linen` from {', '.join(found)})"
+                    name += f" (computed by `{self.mapping}` from {', '.join(found)})"
             if np.shape(want) != np.shape(have) or _dtype(want) != _dtype(have):
                 self.fail(
                     check,
                     where,
-                    f"{name}: linen {_describe(want)}, Equinox {_describe(have)}.",
+                    f"{name}: {ref} {_describe(want)}, Equinox {_describe(have)}.",
                 )
             detail = self.compare(want, have)
             if detail is not None:
@@ -210,7 +291,7 @@ class _Checker:
         index = np.unravel_index(int(np.argmax(differ)), a.shape)
         at = f" at index {tuple(map(int, index))}" if a.ndim else ""
         first = (
-            f"the first{at}: linen {a[index].tolist()!r}, Equinox "
+            f"the first{at}: {self.reference} {a[index].tolist()!r}, Equinox "
             f"{b[index].tolist()!r}"
         )
         errors = ""
@@ -255,7 +336,7 @@ class _Checker:
             )
             one_nan = only_a | only_b
             if one_nan.any():
-                side = "Equinox" if only_b.any() else "linen"
+                side = "Equinox" if only_b.any() else self.reference
                 return (
                     f"NaN on the {side} side only, at {int(one_nan.sum())} of "
                     f"{a.size} positions."
@@ -267,8 +348,8 @@ class _Checker:
             error = np.sqrt(
                 sum(np.square(np.where(np.isnan(d), 0.0, d)) for d in parts_d)
             )
-            reference = (a != 0) & np.isfinite(a)  # relative to linen's non-zeros
-            relative = error[reference] / np.abs(a[reference])
+            nonzero = (a != 0) & np.isfinite(a)  # relative to the reference's
+            relative = error[nonzero] / np.abs(a[nonzero])
         rel = f"{np.max(relative):.3g}" if relative.size else "n/a (all 0)"
         moduli = "; errors are moduli of complex differences" if is_complex else ""
         return (
@@ -278,18 +359,19 @@ class _Checker:
 
 
 def assert_equivalent(
-    linen_module: nn.Module,
-    variables: PyTree,
+    reference: nn.Module | nnx.Module,
+    variables: PyTree | None,
     model: PyTree,
     state: eqx.nn.State | None,
     *inputs: Any,
     key: PRNGKeyArray | None = None,
     as_linen: Callable[[PyTree, eqx.nn.State | None], PyTree] | None = None,
+    as_nnx: Callable[[PyTree, eqx.nn.State | None], PyTree] | None = None,
     call: Callable[..., tuple[Any, eqx.nn.State | None]] | None = None,
     train_kwarg: str | Sequence[str] | None = None,
     deterministic_kwarg: str | Sequence[str] | None = None,
     rng_streams: str | Sequence[str] = ("dropout",),
-    trainable: str | Sequence[str] = ("params",),
+    trainable: Any = ("params",),
     loss: Callable[[Any], jax.Array] | None = None,
     modes: Sequence[str] = ("train", "inference"),
     optimizer: Any | None = None,
@@ -298,25 +380,36 @@ def assert_equivalent(
     atol: float = 1e-6,
     jit: bool = True,
 ) -> None:
-    """Asserts that an Equinox model (and its state) computes what a linen module
-    (and its variables) computes.
+    """Asserts that an Equinox model (and its state) computes what a Flax model
+    computes: a linen module with its variables, or an initialised NNX module.
 
     For each mode in `modes` (`"train"`, then `"inference"` through
     `eqx.nn.inference_mode`), both models are run `steps` times on `inputs` with the
     same keys, threading their state, and compared at every step on:
 
     - **output**: the outputs of the two calls;
-    - **state**: the updated non-trainable collections (`batch_stats`, `cache`, ...);
+    - **state**: the updated non-trainable variables (linen's `batch_stats`,
+        `cache`, ...; NNX's `BatchStat`, `Cache`, your own `nnx.Variable` types, and
+        the RNG streams' `RngKey` / `RngCount` unless `key` is given);
     - **gradient**: the gradients of `loss(output)` with respect to the trainable
-        collections;
+        variables;
     - **parameters**: with an `optimizer` (an optax `GradientTransformation`), the
-        trainable collections after each update.
+        trainable variables after each update.
 
-    The linen side is linen's own `apply`, run through [`adapters.ToEquinox`][]
-    (tested equal to it). The Equinox side is put into linen's layout with
-    `as_linen(model, state)`, so leaves are matched by their linen path. With
+    A linen reference runs linen's own `apply`, through [`adapters.ToEquinox`][]
+    (tested equal to it); the candidate is put into linen's layout with
+    `as_linen(model, state)`, so leaves are matched by their linen path
+    (`batch_stats/BatchNorm_0/mean`). An NNX reference runs natively with NNX's
+    functional API: split once with `nnx.split(module, trainable, ...)`, then at
+    every step `nnx.merge`, called as it is (training mode) or after `.eval()`
+    (inference mode), differentiated with respect to its trainable variables and
+    split again; the candidate is put into NNX's layout, the nested dict
+    `nnx.to_pure_dict(nnx.state(module))`, with `as_nnx(model, state)`, so leaves
+    are matched by their NNX path (`norm/mean`). For a candidate built by
+    [`adapters.to_equinox`][] the layouts are matched without a mapping. With
     `jit=True` each side's step is compiled once with `eqx.filter_jit`, and a
-    retrace across steps fails the assertion.
+    retrace across steps fails the assertion. Neither the reference (an NNX module
+    included) nor the candidate's `state` is changed.
 
     !!! Example
 
@@ -326,26 +419,47 @@ def assert_equivalent(
             key=jax.random.key(0), train_kwarg="train",
             as_linen=my_converter, optimizer=optax.adam(1e-3), steps=3,
         )
+        # An NNX reference: the module itself, `variables=None`.
+        model, state = adapters.to_equinox(nnx_module)
+        adapters.testing.assert_equivalent(
+            nnx_module, None, model, state, x,
+            key=jax.random.key(0), optimizer=optax.adam(1e-3), steps=3,
+        )
         ```
 
     **Arguments:**
 
-    - `linen_module`, `variables`: the linen reference.
+    - `reference`, `variables`: the reference, a `flax.linen.Module` and its
+        variables, or an initialised `flax.nnx.Module` and `None`.
     - `model`, `state`: the Equinox candidate (`state=None` if stateless).
     - `*inputs`: positional inputs, the same for both sides.
-    - `key`: a JAX key; step `k` uses `jax.random.fold_in(key, k)`, split for the
-        linen side by [`adapters.linen_rngs`][] and given to the Equinox call as
-        `key=`.
-    - `as_linen`: `(model, state) -> linen variables`, placing the Equinox arrays in
-        linen's layout; it is also applied to the gradients (a pytree shaped like
-        the model). Default: `model.linen_variables(state)` for a
-        [`adapters.ToEquinox`][].
+    - `key`: a JAX key; step `k` uses `step_key = jax.random.fold_in(key, k)`,
+        given to the Equinox call as `key=step_key`. A linen reference gets it split
+        by [`adapters.linen_rngs`][]; an NNX reference has its RNG streams reseeded
+        with [`adapters.nnx_reseed`][]`(module, step_key)` before the call, and its
+        stored streams are then not advanced (as a keyed call of an
+        [`adapters.NNXToEquinox`][] leaves them), so the state check leaves the RNG
+        streams out. Without `key`, an NNX module's own streams advance in its
+        state, and are compared.
+    - `as_linen`: for a linen reference, `(model, state) -> linen variables`,
+        placing the Equinox arrays in linen's layout; it is also applied to the
+        gradients (a pytree shaped like the model). Default:
+        `model.linen_variables(state)` for an [`adapters.ToEquinox`][].
+    - `as_nnx`: for an NNX reference, `(model, state) -> nested dict`, placing the
+        Equinox arrays in NNX's layout (`nnx.to_pure_dict(nnx.state(module))`,
+        trainable variables and state together); it is also applied to the
+        gradients. Default: `model.variables` merged with
+        `state.get(model.state_index)` for an [`adapters.NNXToEquinox`][].
     - `call`: `(model, *inputs, state, key=...) -> (out, state)`, how to call the
         Equinox model (e.g. with `jax.vmap` for a per-example model). Default:
         `model(*inputs, state, key=key)` (without `state` when `None`, without
         `key` when `None`).
-    - `train_kwarg`, `deterministic_kwarg`, `rng_streams`, `trainable`: how to call
-        the linen module, as for [`adapters.to_equinox`][].
+    - `train_kwarg`, `deterministic_kwarg`, `rng_streams`: how to call a linen
+        reference, as for [`adapters.to_equinox`][]; refused for an NNX reference.
+    - `trainable`: which variables are trainable: for a linen reference, collection
+        names (default `("params",)`); for an NNX reference, an NNX filter (the
+        default means the candidate's own `trainable` filter for an
+        [`adapters.NNXToEquinox`][], else `nnx.Param`).
     - `loss`: a scalar function of the output; default: the sum of the mean squares
         of the output's floating-point leaves.
     - `modes`: which of `"train"` and `"inference"` to check.
@@ -353,7 +467,7 @@ def assert_equivalent(
         step, and the number of steps (at least 2 with `jit`, so that a retrace
         shows).
     - `rtol`, `atol`: tolerances, as in `numpy.allclose`. The defaults suit float32.
-        Dtypes must match exactly: compare a bfloat16 port with a bfloat16 linen
+        Dtypes must match exactly: compare a bfloat16 port with a bfloat16 Flax
         model (`param_dtype`/`dtype`), with about `rtol=atol=1e-2`. A port that
         reorders reductions (a transposed matmul, another attention layout) may
         need `rtol=1e-4` in float32.
@@ -364,120 +478,175 @@ def assert_equivalent(
 
     `AssertionError` (prefixed `[adapters.testing]`) naming the check (output,
     state, gradient or parameters), the mode and step, the first differing leaf by
-    linen path and Equinox path (for a leaf that `as_linen` computes, e.g. a
-    transposed kernel, the Equinox arrays it is computed from), and the max
-    absolute and relative errors, or where a NaN appears on one side only; also
-    when a jitted step retraces.
-    `TypeError` if the model's layout cannot be matched without `as_linen`.
+    its linen or NNX path and its Equinox path (for a leaf that `as_linen` or
+    `as_nnx` computes, e.g. a transposed kernel, the Equinox arrays it is computed
+    from), and the max absolute and relative errors, or where a NaN appears on one
+    side only; also when a jitted step retraces.
+    `TypeError` (prefixed too) if the reference is neither a linen nor an NNX
+    module, if `variables` does not fit it (`None` exactly for an NNX module), if
+    the mapping of the other kind of reference is given (`as_linen` for NNX,
+    `as_nnx` for linen), or if the model's layout cannot be matched without one.
     """
     for mode in modes:
         if mode not in ("train", "inference"):
             raise ValueError(
                 f"{PREFIX}`modes` holds {mode!r}; use 'train' and/or 'inference'."
             )
-    if as_linen is None:
-        if not isinstance(model, ToEquinox):
-            raise TypeError(PREFIX + _NO_AS_LINEN)
-        as_linen = _wrapped_as_linen
+    if isinstance(reference, nnx.Module):
+        if variables is not None:
+            raise TypeError(
+                PREFIX + _NNX_VARIABLES.format(got=f"a {type(variables).__name__}")
+            )
+        if as_linen is not None:
+            raise TypeError(PREFIX + _AS_LINEN_FOR_NNX)
+        _refuse_linen_options(train_kwarg, deterministic_kwarg, rng_streams)
+        if as_nnx is None:
+            if not isinstance(model, NNXToEquinox):
+                raise TypeError(PREFIX + _NO_AS_NNX)
+            as_nnx = _wrapped_as_nnx
+        mapping = as_nnx
+        ref = _NNXReference(
+            reference, _nnx_trainable(trainable, model), keyed=key is not None
+        )
+    elif isinstance(reference, nn.Module):
+        if variables is None:
+            raise TypeError(PREFIX + _LINEN_VARIABLES)
+        if as_nnx is not None:
+            raise TypeError(PREFIX + _AS_NNX_FOR_LINEN)
+        if as_linen is None:
+            if not isinstance(model, ToEquinox):
+                raise TypeError(PREFIX + _NO_AS_LINEN)
+            as_linen = _wrapped_as_linen
+        mapping = as_linen
+        ref = _LinenReference(
+            reference,
+            variables,
+            trainable=normalise_names(trainable, "trainable"),
+            rng_streams=rng_streams,
+            train_kwarg=train_kwarg,
+            deterministic_kwarg=deterministic_kwarg,
+        )
+    else:
+        raise TypeError(
+            PREFIX + _NOT_A_REFERENCE.format(got=f"a {type(reference).__qualname__}")
+        )
     if call is None:
         call = _default_call
     loss_fn = _default_loss if loss is None else loss
-    trainable = normalise_names(trainable, "trainable")
-    reference, reference_state = eqx.nn.make_with_state(ToEquinox)(
-        linen_module,
-        variables=variables,
-        trainable=trainable,
-        rng_streams=rng_streams,
-        train_kwarg=train_kwarg,
-        deterministic_kwarg=deterministic_kwarg,
-    )
     steps = max(steps, 2) if jit else max(steps, 1)
-    checker = _Checker(rtol, atol)
-
-    def ref_call(m, *args, key=None):
-        *args, s = args
-        return m(*args, s, key=key)
+    checker = _Checker(rtol, atol, ref.name, ref.mapping)
 
     for mode in modes:
         inference = mode == "inference"
-        ref_step = _make_step(ref_call, inputs, loss_fn, optimizer, jit)
+        ref.start(mode, inputs, loss_fn, optimizer, jit)
         eqx_step = _make_step(call, inputs, loss_fn, optimizer, jit)
-        ref = _Side(eqx.nn.inference_mode(reference, inference), reference_state)
-        cand = _Side(eqx.nn.inference_mode(model, inference), state)
-        for side in (ref, cand):
-            side.opt_state = (
-                None
-                if optimizer is None
-                else optimizer.init(eqx.filter(side.model, eqx.is_inexact_array))
-            )
+        cand = _Side(eqx.nn.inference_mode(model, inference), state, optimizer)
         for k in range(steps):
             where = f"{mode} mode, step {k}"
             step_key = None if key is None else jax.random.fold_in(key, k)
-            try:
-                ref_out, ref_grads = ref.step(ref_step, step_key, where, "linen")
-            except AdapterError as err:
-                if key is None and "had no `key`" in str(err):
-                    raise TypeError(
-                        f"{PREFIX}the linen module uses randomness in {mode} mode: "
-                        "pass `key=` to `assert_equivalent`."
-                    ) from err
-                raise
+            ref_out, ref_grads = ref.step(step_key, where)
             out, grads = cand.step(eqx_step, step_key, where, "Equinox")
             if mode == "train" and key is not None:
                 checker.note = (
                     " (In train mode both sides draw random numbers: if the Equinox "
                     "model draws its own, e.g. its own dropout masks, it cannot match "
-                    "linen's; compare with `modes=('inference',)`.)"
+                    f"{ref.name}'s; compare with `modes=('inference',)`.)"
                 )
             else:
                 checker.note = ""
             checker.trees("output", where, ref_out, out)
 
-            ref_vars = ref.model.linen_variables(ref.state)
-            cand_vars = as_linen(cand.model, cand.state)
+            ref_vars = ref.variables()
+            cand_vars = mapping(cand.model, cand.state)
             cand_paths = _equinox_paths(cand.model, cand.state)
-            non_trainable = {c: t for c, t in ref_vars.items() if c not in trainable}
-            cand_sources = _sources(as_linen, cand.model, cand.state, "model")
+            cand_sources = _sources(mapping, cand.model, cand.state, "model")
             checker.trees(
                 "state",
                 where,
-                non_trainable,
-                {c: cand_vars.get(c) for c in non_trainable},
+                ref.select(ref_vars, trainable=False),
+                ref.select(cand_vars, trainable=False),
                 cand_paths,
                 cand_sources,
             )
-            grad_vars = as_linen(grads, cand.state)
+            grad_vars = mapping(grads, cand.state)
             checker.trees(
                 "gradient",
                 where,
-                {c: ref_grads.variables[c] for c in ref_grads.variables},
-                {c: grad_vars.get(c) for c in ref_grads.variables},
+                ref_grads,
+                ref.select(grad_vars, trainable=True),
                 _equinox_paths(grads, name="grads"),
-                _sources(as_linen, grads, cand.state, "grads"),
+                _sources(mapping, grads, cand.state, "grads"),
             )
             if optimizer is not None:
                 checker.trees(
                     "parameters",
                     f"{where}, after the optimiser update",
-                    {c: ref_vars[c] for c in trainable if c in ref_vars},
-                    {c: cand_vars.get(c) for c in trainable if c in ref_vars},
+                    ref.select(ref_vars, trainable=True),
+                    ref.select(cand_vars, trainable=True),
                     cand_paths,
                     cand_sources,
                 )
 
 
+def _refuse_linen_options(
+    train_kwarg: Any, deterministic_kwarg: Any, rng_streams: Any
+) -> None:
+    streams = normalise_names(rng_streams, "rng_streams")
+    given = [
+        f"`{name}`"
+        for name, value, default in (
+            ("train_kwarg", train_kwarg, None),
+            ("deterministic_kwarg", deterministic_kwarg, None),
+            ("rng_streams", streams, ("dropout",)),
+        )
+        if value != default
+    ]
+    if given:
+        raise TypeError(
+            PREFIX
+            + _LINEN_OPTIONS_FOR_NNX.format(
+                names=" and ".join(given),
+                verb="was" if len(given) == 1 else "were",
+                them="it" if len(given) == 1 else "them",
+            )
+        )
+
+
+def _nnx_trainable(trainable: Any, model: PyTree) -> Any:
+    """The NNX filter of the reference's trainable variables: linen's default,
+    `("params",)`, means the candidate's own filter for an `NNXToEquinox`, else
+    `nnx.Param`."""
+    names = (trainable,) if isinstance(trainable, str) else trainable
+    if isinstance(names, (tuple, list)) and list(names) == ["params"]:
+        return model.trainable if isinstance(model, NNXToEquinox) else nnx.Param
+    if isinstance(names, (tuple, list)) and any(isinstance(n, str) for n in names):
+        raise TypeError(PREFIX + _NNX_TRAINABLE.format(got=trainable, err=""))
+    try:
+        nnx.filterlib.to_predicate(trainable)
+    except Exception as err:
+        raise TypeError(
+            PREFIX + _NNX_TRAINABLE.format(got=trainable, err=f" ({err})")
+        ) from None
+    return trainable
+
+
 class _Side:
     """One side of the comparison: a model, its state and optimiser state."""
 
-    def __init__(self, model: PyTree, state: eqx.nn.State | None):
+    def __init__(self, model: PyTree, state: PyTree, optimizer: Any | None = None):
         # A State of our own (the same arrays): an eager call consumes the State it
-        # is given, and the caller's must stay usable.
+        # is given, and the caller's must stay usable. (NNX variables are copied so
+        # too: the reference's step never touches the caller's module.)
         leaves, treedef = jtu.tree_flatten(state)
         self.state = jtu.tree_unflatten(treedef, leaves)
         # Weakly typed arrays (from Python scalars) become strongly typed after
         # the first update, which would retrace the step: start strong.
         self.model = jtu.tree_map(_strong, model)
-        self.opt_state = None
+        self.opt_state = (
+            None
+            if optimizer is None
+            else optimizer.init(eqx.filter(self.model, eqx.is_inexact_array))
+        )
 
     def step(
         self, step: Callable, key: PRNGKeyArray | None, where: str, side: str
@@ -497,6 +666,194 @@ class _Side:
         return out, grads
 
 
+class _Reference:
+    """The reference side of `assert_equivalent`, behind what the comparison needs:
+    `start(mode, ...)` before a mode's first step, `step(key, where)` returning the
+    output and the gradients in the reference's layout, `variables()` (all of its
+    variables in that layout) and `select(tree, trainable)`, the trainable part of
+    a tree in that layout (the reference's or the candidate's), or the rest.
+
+    It runs as the candidate does, a `_Side` stepped by `_make_step`: its own
+    `model` (the trainable arrays) and `state`, and `call(inference)`, how to call
+    them."""
+
+    name = ""  # in messages: "linen" or "NNX"
+    mapping = ""  # the argument that maps the candidate: "as_linen" or "as_nnx"
+
+    def __init__(self, model: PyTree, state: PyTree):
+        self.model, self.state = model, state
+
+    def in_mode(self, inference: bool) -> PyTree:
+        return self.model
+
+    def call(self, inference: bool) -> Callable[..., tuple[Any, PyTree]]:
+        raise NotImplementedError
+
+    def gradients(self, grads: PyTree) -> PyTree:
+        raise NotImplementedError
+
+    def variables(self) -> PyTree:
+        raise NotImplementedError
+
+    def select(self, tree: PyTree, trainable: bool) -> PyTree:
+        raise NotImplementedError
+
+    def start(
+        self,
+        mode: str,
+        inputs: tuple[Any, ...],
+        loss: Callable[[Any], jax.Array],
+        optimizer: Any | None,
+        jit: bool,
+    ) -> None:
+        inference = mode == "inference"
+        self.mode = mode
+        self.run = _make_step(self.call(inference), inputs, loss, optimizer, jit)
+        self.side = _Side(self.in_mode(inference), self.state, optimizer)
+
+    def step(self, key: PRNGKeyArray | None, where: str) -> tuple[Any, PyTree]:
+        out, grads = self.side.step(self.run, key, where, self.name)
+        return out, self.gradients(grads)
+
+
+class _LinenReference(_Reference):
+    """A linen module and its variables, run by linen's own `apply` through
+    `ToEquinox` (one calling convention and one mode switch for both sides)."""
+
+    name, mapping = "linen", "as_linen"
+
+    def __init__(
+        self,
+        module: nn.Module,
+        variables: PyTree,
+        trainable: tuple[str, ...],
+        **options: Any,
+    ):
+        wrapped, state = eqx.nn.make_with_state(ToEquinox)(
+            module, variables=variables, trainable=trainable, **options
+        )
+        super().__init__(wrapped, state)
+        self.trainable = trainable
+        self.collections = tuple(wrapped.linen_variables(state))
+
+    def in_mode(self, inference: bool) -> PyTree:
+        return eqx.nn.inference_mode(self.model, inference)
+
+    def call(self, inference: bool) -> Callable[..., tuple[Any, PyTree]]:
+        return _wrapper_call
+
+    def gradients(self, grads: PyTree) -> PyTree:
+        return grads.variables
+
+    def variables(self) -> PyTree:
+        return self.side.model.linen_variables(self.side.state)
+
+    def select(self, tree: PyTree, trainable: bool) -> PyTree:
+        return {
+            c: tree.get(c)
+            for c in self.collections
+            if (c in self.trainable) == trainable
+        }
+
+    def step(self, key: PRNGKeyArray | None, where: str) -> tuple[Any, PyTree]:
+        try:
+            return super().step(key, where)
+        except AdapterError as err:
+            if key is None and "had no `key`" in str(err):
+                raise TypeError(
+                    f"{PREFIX}the linen module uses randomness in {self.mode} mode: "
+                    "pass `key=` to `assert_equivalent`."
+                ) from err
+            raise
+
+
+class _NNXReference(_Reference):
+    """An initialised NNX module, run natively with NNX's functional API: split
+    once into its trainable variables (the `model`), RNG streams and other
+    variables (the `state`), merged again for every call."""
+
+    name, mapping = "NNX", "as_nnx"
+
+    def __init__(self, module: nnx.Module, trainable: Any, keyed: bool):
+        try:
+            if jtu.tree_leaves(nnx.state(module, nnx.Intermediate)):
+                # Values sown in earlier calls are per call, not state (as for
+                # `NNXToEquinox`): leave them out, on a copy of the user's module.
+                module = nnx.clone(module)
+                nnx.pop(module, nnx.Intermediate)
+            # The States hold the module's own Variable objects: `_Side` copies
+            # them, and every call merges copies, so the module is never changed.
+            graphdef, params, rngs, rest = nnx.split(
+                module, trainable, nnx.RngState, ...
+            )
+        except Exception as err:
+            raise TypeError(
+                PREFIX + _NOT_SPLITTABLE.format(name=type(module).__qualname__, err=err)
+            ) from err
+        super().__init__(params, (rngs, rest))
+        self.graphdef, self.trainable, self.keyed = graphdef, trainable, keyed
+        self.trainable_paths = frozenset(_flat(nnx.to_pure_dict(params), ""))
+        self.rng_paths = frozenset(_flat(nnx.to_pure_dict(rngs), ""))
+
+    def call(self, inference: bool) -> Callable[..., tuple[Any, PyTree]]:
+        graphdef, trainable = self.graphdef, self.trainable
+
+        def call(params, *args, key=None):
+            *inputs, (rngs, rest) = args
+            # Copies of the Variables: the call updates them in place.
+            module = nnx.merge(graphdef, params, rngs, rest, copy=True)
+            if inference:
+                module.eval()
+            if key is not None:
+                nnx_reseed(module, key)
+            out = module(*inputs)
+            # Sown `nnx.Intermediate`s are per call, never state (as for
+            # `NNXToEquinox`).
+            _, _, new_rngs, _, new_rest = nnx.split(
+                module, trainable, nnx.RngState, nnx.Intermediate, ...
+            )
+            # A keyed call leaves the stored streams as they were.
+            return out, (rngs if key is not None else new_rngs, new_rest)
+
+        return call
+
+    def gradients(self, grads: PyTree) -> PyTree:
+        return nnx.to_pure_dict(grads)
+
+    def variables(self) -> PyTree:
+        rngs, rest = self.side.state
+        return _deep_merge(
+            nnx.to_pure_dict(self.side.model),
+            nnx.to_pure_dict(rngs),
+            nnx.to_pure_dict(rest),
+        )
+
+    def select(self, tree: PyTree, trainable: bool) -> PyTree:
+        def keep(path: str) -> bool:
+            if trainable:
+                return path in self.trainable_paths
+            # With `key`, the streams are reseeded for each call and not stored.
+            rng = self.keyed and path in self.rng_paths
+            return path not in self.trainable_paths and not rng
+
+        return jtu.tree_map_with_path(
+            lambda path, x: x if keep(path_str(path)) else None, tree
+        )
+
+
+def _deep_merge(*trees: Any) -> dict:
+    """Nested dicts merged into one: an NNX module's variables, trainable and not,
+    in the layout of `nnx.to_pure_dict(nnx.state(module))`."""
+    merged: dict = {}
+    for tree in trees:
+        for k, v in tree.items():
+            if isinstance(v, dict) and isinstance(merged.get(k), dict):
+                merged[k] = _deep_merge(merged[k], v)
+            else:
+                merged[k] = v
+    return merged
+
+
 def _strong(x: Any) -> Any:
     if isinstance(x, jax.Array) and getattr(x, "weak_type", False):
         return jax.numpy.asarray(x, dtype=x.dtype)
@@ -505,6 +862,16 @@ def _strong(x: Any) -> Any:
 
 def _wrapped_as_linen(model: ToEquinox, state: eqx.nn.State | None) -> PyTree:
     return model.linen_variables(state)  # pyright: ignore
+
+
+def _wrapped_as_nnx(model: NNXToEquinox, state: eqx.nn.State | None) -> PyTree:
+    rest = {} if state is None else state.get(model.state_index)
+    return _deep_merge(model.variables, rest)
+
+
+def _wrapper_call(model, *args, key=None):
+    *args, state = args
+    return model(*args, state, key=key)
 
 
 def _default_call(model, *args, key=None):
