@@ -617,8 +617,7 @@ class ToEquinox(_display.Displayed, eqx.Module):
             raise AdapterTypeError(
                 f"`capture={capture}`: `capture` takes the names of the collections "
                 "to return, e.g. `capture='intermediates'` or `capture=('intermediates"
-                "', 'losses')`. (`capture=True` is the form of "
-                "`adapters.NNXToEquinox`, for NNX modules.)"
+                "', 'losses')`."
             )
         capture = normalise_names(capture, "capture")
         for collection in capture:

@@ -495,10 +495,10 @@ def test_capture_matches_nnx_capture_and_is_not_kept():
     model, state = adapters.to_equinox(module)
     for i in range(3):
         x = jr.normal(jr.key(i), (4, 3))
-        (out, sown), state = model(x, state, capture=True)
+        (out, captured), state = model(x, state, capture="intermediates")
         out_n, sown_n = nnx.capture(native, nnx.Intermediate)(x)
         _assert_equal(out, out_n)
-        _assert_equal(sown, nnx.to_pure_dict(sown_n))
+        _assert_equal(captured["intermediates"], nnx.to_pure_dict(sown_n))
         _assert_equal(_wrapped_rest(model, state), _native_rest(native))
     # Never kept in the state.
     assert set(_wrapped_rest(model, state)) == {"norm"}
