@@ -1,9 +1,11 @@
 """An Equinox model inside Flax NNX: `EquinoxToNNX` and `to_nnx`."""
 
+import inspect
 from collections.abc import Callable, Hashable
 from typing import Any
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from flax import nnx
@@ -49,11 +51,17 @@ another model. Restore with this module's own structure as the target
 (`nnx.state(module)`), or wrap the other model with `adapters.to_nnx`.\
 """
 
+_BATCHED = """\
+This `EquinoxToNNX` holds a batch of models: every variable has leading axes {prefix}
+in front of the shape it was created with, as an ensemble built under `nnx.vmap`
+has. Call it inside `nnx.vmap` (e.g. `nnx.vmap(lambda m, x: m(x), in_axes=(0,
+None))(module, x)`), and take `module.equinox_model()` there too.\
+"""
+
 _NEEDS_KEY = """\
-The Equinox model needs a `key` ({err}). `EquinoxToNNX` passes it from its NNX RNG
-stream, but it was built without one: build it with `rngs=nnx.Rngs(dropout=0)`
-(stream {stream!r}), or pass `key=` to the call, or call `module.eval()` to run
-without randomness.\
+The Equinox model needs a `key` ({err}). `EquinoxToNNX` draws it from its NNX RNG
+stream {stream!r} in training mode, but it has none: build it with
+`rngs=nnx.Rngs({stream}=0)`, or pass `key=` to the call{eval_hint}.\
 """
 
 
@@ -66,8 +74,38 @@ def _is_variable(x: Any) -> bool:
 
 
 def _spec(x: Any) -> tuple[tuple[int, ...], Any]:
+    """Shape and dtype as JAX holds the value: numpy float64 is float32 in 32-bit
+    mode, as it becomes under `nnx.jit`."""
     dtype = getattr(x, "dtype", None)
-    return (tuple(jnp.shape(x)), jnp.result_type(x) if dtype is None else dtype)
+    dtype = jnp.result_type(x) if dtype is None else dtype
+    if not jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        dtype = jax.dtypes.canonicalize_dtype(dtype)
+    return (tuple(jnp.shape(x)), dtype)
+
+
+def _takes_key(model: Any) -> bool:
+    """Whether the model's call accepts `key=` (by name or through `**kwargs`);
+    `True` where the signature cannot be read."""
+    try:
+        parameters = inspect.signature(model).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(
+        p.name == "key" and p.kind != p.POSITIONAL_ONLY or p.kind == p.VAR_KEYWORD
+        for p in parameters
+    )
+
+
+def _batch_prefix(pairs: list[tuple[Any, Any]]) -> tuple[int, ...] | None:
+    """The leading axes that every variable's value has in front of the shape it
+    was created with (the same for all), as in an ensemble from `nnx.vmap`."""
+    prefixes = set()
+    for (shape, dtype), (got_shape, got_dtype) in pairs:
+        extra = len(got_shape) - len(shape)
+        if dtype != got_dtype or extra <= 0 or tuple(got_shape[extra:]) != shape:
+            return None
+        prefixes.add(tuple(got_shape[:extra]))
+    return prefixes.pop() if len(prefixes) == 1 else None
 
 
 def _describe(spec: tuple[tuple[int, ...], Any]) -> str:
@@ -175,24 +213,22 @@ class EquinoxToNNX(nnx.Module):
                 )
             result = (model, state)
         model, state = as_model_and_state(result, where)
-        if isinstance(rngs, nnx.Rngs):
-            if rng_stream not in rngs and "default" not in rngs:
-                raise AdapterError(
-                    f"`adapters.to_nnx(..., rngs=...)`: the `nnx.Rngs` has no stream "
-                    f"{rng_stream!r} (nor 'default'). Pass "
-                    f"`nnx.Rngs({rng_stream}=seed)`, or name one of its streams "
-                    "with `rng_stream=`."
-                )
-            self.rngs = rngs[rng_stream].fork()
-        elif isinstance(rngs, nnx.RngStream):
-            self.rngs = rngs.fork()
-        elif rngs is None:
-            self.rngs = nnx.data(None)
-        else:
+        if rngs is not None and not isinstance(rngs, (nnx.Rngs, nnx.RngStream)):
             raise AdapterTypeError(
                 "`rngs` must be an `nnx.Rngs` or an `nnx.RngStream`, got "
                 f"{type(rngs).__name__}."
             )
+        # A stream is forked (as `nnx.Dropout` forks it) only for a model that takes
+        # a key, from `rngs` that have it (or NNX's fallback, `default`): `rngs`
+        # given for a factory's key alone (`nnx.Rngs(params=0)`) draws nothing.
+        takes_key = _takes_key(model)
+        if isinstance(rngs, nnx.Rngs) and takes_key:
+            has_stream = rng_stream in rngs or "default" in rngs
+            self.rngs = rngs[rng_stream].fork() if has_stream else nnx.data(None)
+        elif isinstance(rngs, nnx.RngStream) and takes_key:
+            self.rngs = rngs.fork()
+        else:
+            self.rngs = nnx.data(None)
         params: dict[str, Any] = {}
         constants: dict[str, Any] = {}
         batch_stats: dict[str, Any] = {}
@@ -222,6 +258,7 @@ class EquinoxToNNX(nnx.Module):
         self.axis_name = axis_name
         self.rng_stream = rng_stream
         self.update_in_eval = update_in_eval
+        self._takes_key = takes_key
         self._layout = Static((treedef, tuple(slots)))
 
     def _parts(
@@ -231,7 +268,7 @@ class EquinoxToNNX(nnx.Module):
         state entry `(index, keys, variables, spec)`; each variable's value is
         checked against the shape and dtype it was created with."""
         treedef, slots = self._layout.value
-        leaves, entries, problems = [], [], []
+        leaves, entries, problems, pairs = [], [], [], []
         for kind, keys, info in slots:
             if kind == "static":
                 leaves.append(info)
@@ -240,6 +277,7 @@ class EquinoxToNNX(nnx.Module):
                 variables = lookup_at(self.batch_stats, keys)
                 values = jtu.tree_leaves(variables, is_leaf=_is_variable)
                 got = tuple(_spec(_variable_value(v)) for v in values)
+                pairs += zip(specs, got)
                 if got != specs:
                     problems += _problems("batch_stats", keys, specs, got)
                 leaves.append(index)
@@ -247,9 +285,13 @@ class EquinoxToNNX(nnx.Module):
             else:
                 variable = lookup_at(getattr(self, kind), keys)
                 value = _variable_value(variable)
+                pairs.append((info, _spec(value)))
                 if _spec(value) != info:
                     problems += _problems(kind, keys, (info,), (_spec(value),))
                 leaves.append(value)
+        prefix = _batch_prefix(pairs) if problems else None
+        if prefix is not None:
+            raise AdapterError(_BATCHED.format(prefix=prefix))
         if problems:
             raise AdapterError(_CHANGED_VARIABLES.format(problems="\n".join(problems)))
         return leaves, entries
@@ -321,8 +363,8 @@ class EquinoxToNNX(nnx.Module):
             model = eqx.nn.inference_mode(model, True)
         if key is not None:
             check_key(key, "The `key` of an `EquinoxToNNX` call")
-        elif self.rngs is not None:
-            key = self.rngs()
+        elif self.rngs is not None and not self.deterministic:
+            key = self.rngs()  # as NNX layers draw: in training mode
         old_leaves = jtu.tree_leaves(state)
         try:
             out, new_state = call_model(
@@ -339,17 +381,26 @@ class EquinoxToNNX(nnx.Module):
         except (RuntimeError, TypeError) as err:
             if "key" not in str(err) or key is not None:
                 raise
+            hint = "" if self.deterministic else ", or call `module.eval()`"
             raise AdapterError(
-                _NEEDS_KEY.format(err=err, stream=self.rng_stream)
+                _NEEDS_KEY.format(err=err, stream=self.rng_stream, eval_hint=hint)
             ) from err
         if new_state is None:
             return out
         new_leaves = jtu.tree_leaves(new_state)
-        if all(a is b for a, b in zip(old_leaves, new_leaves, strict=True)):
+        if len(old_leaves) == len(new_leaves) and all(
+            a is b for a, b in zip(old_leaves, new_leaves, strict=True)
+        ):
             return out
         updates, problems, changed = [], [], []
         for index, keys, variables, spec in entries:
-            value = new_state.get(index)
+            try:
+                value = new_state.get(index)
+            except (KeyError, ValueError):
+                problems.append(
+                    f"  batch_stats/{show_path(keys)}: missing from the returned state"
+                )
+                continue
             targets = jtu.tree_leaves(variables, is_leaf=_is_variable)
             new = jtu.tree_leaves(value)
             got = tuple(_spec(x) for x in new)
