@@ -168,7 +168,13 @@ EXPECTED = {
     "trace_compile": {"sizes", "results"},
     "memory": {"sizes", "results"},
     "scaling": {"leaves", "results", "slopes"},
-    "nnx": {"sizes", "hlo"},
+    "nnx": {
+        "sizes",
+        "hlo",
+        "to_nnx_step_time_nnx_jit",
+        "to_nnx_step_time_split_merge",
+        "to_nnx_step_time_vs_nnx_mlp",
+    },
 }
 
 
@@ -199,6 +205,17 @@ def test_run_all_quick(quick_run):
     assert set(documents["scaling"]["slopes"]) == {"ToEquinox", "ToLinen"}
     nnx_hlo = documents["nnx"]["hlo"]
     assert nnx_hlo["wrapped"] == nnx_hlo["native_split_merge"]
+    # to_nnx under nnx.jit (and in its functional form) against eqx.filter_jit:
+    # the same count and opcodes; the texts differ only by one output copy on
+    # each side (nnx.jit returns the RNG key, eqx.filter_jit its marker).
+    assert (
+        nnx_hlo["to_nnx_nnx_jit"]
+        == nnx_hlo["to_nnx_split_merge"]
+        == nnx_hlo["to_nnx_native"]
+    )
+    assert nnx_hlo["to_nnx_opcode_diff"] == {}
+    diff = nnx_hlo["to_nnx_instruction_diff"]
+    assert all(" copy(" in line for line in diff["only_wrapped"] + diff["only_native"])
     summary = json.loads((out / "run_all.json").read_text())
     assert set(summary["seconds"]) == set(SCRIPTS)
     assert "Figure 1" in stdout and "Figure 6" in stdout and "Targets" in stdout
