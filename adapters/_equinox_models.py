@@ -47,6 +47,12 @@ _NO_ARGS = """\
 inputs, but the call has none.\
 """
 
+_NOT_A_STATE = """\
+The Equinox model was called with its state, so it must return `(out, state)`, as
+Equinox's stateful layers do, but it returned {got}. Return the state, updated or
+not: `return out, state`.\
+"""
+
 
 _STATE_DOES_NOT_FIT = """\
 {where}: the `eqx.nn.State` does not fit the Equinox model; each entry
@@ -306,7 +312,19 @@ def call_model(
         kw = kwargs if key is None else {**kwargs, "key": key}
         if state is None:
             return model(*args, **kw), None
-        return model(*args, state, **kw)
+        result = model(*args, state, **kw)
+        if not (
+            isinstance(result, tuple)
+            and len(result) == 2
+            and isinstance(result[1], eqx.nn.State)
+        ):
+            got = (
+                f"a tuple of {len(result)}"
+                if isinstance(result, tuple)
+                else type(result).__name__
+            )
+            raise AdapterError(_NOT_A_STATE.format(got=got))
+        return result
 
     names = {"wrapper": wrapper, "shortcut": shortcut}
     if vmap_axis is None:
@@ -328,7 +346,10 @@ def call_model(
             ) from err
     if not args:
         raise AdapterError(_NO_ARGS.format(**names))
-    size = jtu.tree_leaves(args)[0].shape[vmap_axis]
+    shaped = [x for x in jtu.tree_leaves(args) if jnp.ndim(x) > 0]
+    if not shaped:
+        raise AdapterError(_NO_ARGS.format(**names))
+    size = jnp.shape(shaped[0])[vmap_axis]
     keys = None if key is None else jax.random.split(key, size)
     mapped = jax.vmap(
         call,
@@ -355,6 +376,13 @@ def call_model(
                 axis=vmap_axis, axis_name=axis_name or "batch", **names
             )
         ) from err
+
+
+def asks_for_key(err: Exception) -> bool:
+    """Whether a model's error is about its `key` (Equinox's "Dropout requires a
+    key", Python's "missing ... argument: 'key'"), not about another keyword
+    argument ("unexpected keyword argument 'mask'")."""
+    return re.search(r"\bkey\b", str(err)) is not None
 
 
 def _unbound_axis(err: NameError) -> str | None:

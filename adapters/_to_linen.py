@@ -10,7 +10,7 @@ import jax.tree_util as jtu
 from jaxtyping import PRNGKeyArray, PyTree
 
 from . import _display
-from ._equinox_models import as_model_and_state, call_model
+from ._equinox_models import as_model_and_state, asks_for_key, call_model
 from ._errors import AdapterError, AdapterTypeError
 from ._sharding import box_variables, Partition
 from ._variables import (
@@ -252,20 +252,21 @@ class ToLinen(_display.Displayed, nn.Module):
 
         # The call consumes `state` (Equinox's guard against reuse): keep its leaves.
         old_leaves = jtu.tree_leaves(state)
+        key = kwargs.pop("key", None)
         try:
             out, new_state = call_model(
                 model,
                 state,
                 args,
                 kwargs,
-                kwargs.pop("key", None),
+                key,
                 self.vmap_axis,
                 self.axis_name,
                 "ToLinen",
                 "adapters.to_linen",
             )
         except (RuntimeError, TypeError) as err:
-            if "key" not in str(err) or "key" in kwargs:
+            if not asks_for_key(err) or key is not None:
                 raise
             raise AdapterError(
                 f"The Equinox model needs a `key` ({err}). `ToLinen` passes it from "

@@ -11,7 +11,7 @@ import jax.tree_util as jtu
 from flax import nnx
 from jaxtyping import PRNGKeyArray, PyTree
 
-from ._equinox_models import as_model_and_state, call_model
+from ._equinox_models import as_model_and_state, asks_for_key, call_model
 from ._errors import AdapterError, AdapterTypeError
 from ._static import Static
 from ._variables import (
@@ -33,6 +33,13 @@ drop this update nor apply it unasked. If the model's layers ignore `inference`
 by mistake, fix them; if the model updates its state in inference on purpose (a
 decode cache, a step counter), build the wrapper with `update_in_eval=True`; to
 train, call `module.train()` first.\
+"""
+
+_NEEDS_KEY_IN_EVAL = """\
+The Equinox model needs a `key` ({err}), but this `EquinoxToNNX` is in eval mode,
+where it draws no key from its RNG stream (as NNX layers draw none when
+deterministic). Pass one to the call, `module(x, key=key)`, or call
+`module.train()`.\
 """
 
 _CHANGED_UPDATE = """\
@@ -162,9 +169,10 @@ class EquinoxToNNX(nnx.Module):
         - `make`: a factory `key -> model` or `key -> (model, state)`, in place of
             `model`; it gets its key from `rngs.params()`.
         - `rngs`: an `nnx.Rngs` (or one `nnx.RngStream`) whose stream `rng_stream`
-            is forked, as `nnx.Dropout` forks it, and drawn at each call for the
-            model's `key=` (unless the call is given a `key=`). Without it the
-            model is called without a key.
+            is forked, as `nnx.Dropout` forks it, and drawn at each call in
+            training mode for the model's `key=` (unless the call is given a
+            `key=`), if the model's call takes a `key`. Without it the model is
+            called without a key.
         - `rng_stream`: the stream of `rngs` to draw from (default `"dropout"`).
         - `vmap_axis`: if not `None`, the per-example Equinox model is mapped over
             this axis of every positional input (NNX layers take batches), its
@@ -237,7 +245,15 @@ class EquinoxToNNX(nnx.Module):
         for path, leaf in flat:
             keys = path_keys(path)
             if is_state_index(leaf):
-                value = state.get(leaf)  # pyright: ignore (checked to be there)
+                try:
+                    value = state.get(leaf)  # pyright: ignore (state is not None)
+                except KeyError:
+                    raise AdapterError(
+                        f"{where}: the `eqx.nn.State` does not hold the entry of the "
+                        f"model's `eqx.nn.StateIndex` at {show_path(keys)!r}: it was "
+                        "made for another model. Pass the state made together with "
+                        "this model."
+                    ) from None
                 insert_at(batch_stats, keys, jtu.tree_map(nnx.BatchStat, value), where)
                 specs = tuple(_spec(x) for x in jtu.tree_leaves(value))
                 slots.append(("batch_stats", keys, (leaf, specs)))
@@ -379,8 +395,10 @@ class EquinoxToNNX(nnx.Module):
                 "adapters.to_nnx",
             )
         except (RuntimeError, TypeError) as err:
-            if "key" not in str(err) or key is not None:
+            if not self._takes_key or not asks_for_key(err) or key is not None:
                 raise
+            if self.deterministic and self.rngs is not None:
+                raise AdapterError(_NEEDS_KEY_IN_EVAL.format(err=err)) from err
             hint = "" if self.deterministic else ", or call `module.eval()`"
             raise AdapterError(
                 _NEEDS_KEY.format(err=err, stream=self.rng_stream, eval_hint=hint)

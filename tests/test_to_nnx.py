@@ -1116,3 +1116,113 @@ def test_user_model_and_state_untouched(name, getkey):
         not np.array_equal(a, b)
         for a, b in zip(native_params(trained).values(), native_params(model).values())
     )
+
+
+class Masked(eqx.Module):
+    """A deterministic model with a required keyword argument of its own."""
+
+    linear: eqx.nn.Linear
+
+    def __call__(self, x, *, mask):
+        return self.linear(x) * mask
+
+
+def test_a_missing_keyword_is_the_model_own_error(getkey):
+    """Only an error about `key` becomes the adapter's "needs a key": a missing or
+    unexpected keyword of the model's own stays Python's error, in both wrappers."""
+    model = Masked(eqx.nn.Linear(3, 2, key=getkey()))
+    x = jnp.ones(3)
+    with pytest.raises(TypeError, match="mask") as info:
+        adapters.to_nnx(model)(x)
+    assert not isinstance(info.value, adapters.AdapterError)
+    with pytest.raises(TypeError, match="foo") as info:
+        adapters.to_nnx(eqx.nn.MLP(3, 2, 4, 1, key=getkey()))(x, foo=1)
+    assert not isinstance(info.value, adapters.AdapterError)
+    linen_module, variables = adapters.to_linen(model)
+    with pytest.raises(TypeError, match="mask") as info:
+        linen_module.apply(variables, x)
+    assert not isinstance(info.value, adapters.AdapterError)
+    # With the keyword, both compute what the model computes.
+    mask = jnp.array([1.0, 0.0])
+    want = model(x, mask=mask)
+    np.testing.assert_array_equal(adapters.to_nnx(model)(x, mask=mask), want)
+    np.testing.assert_array_equal(linen_module.apply(variables, x, mask=mask), want)
+
+
+class Sampler(eqx.Module):
+    linear: eqx.nn.Linear
+
+    def __call__(self, x, *, key):
+        return self.linear(x) + jr.normal(key, (2,))
+
+
+def test_a_key_in_eval_mode_is_asked_for_as_such(getkey):
+    """In eval mode no key is drawn; a model that needs one anyway is told to get
+    it from the call (not to build the module with a stream it already has)."""
+    model = Sampler(eqx.nn.Linear(3, 2, key=getkey()))
+    module = adapters.to_nnx(model, rngs=nnx.Rngs(dropout=0))
+    module.eval()
+    with pytest.raises(adapters.AdapterError, match="in eval mode") as info:
+        module(jnp.ones(3))
+    assert "module(x, key=key)" in str(info.value)
+    key = getkey()
+    np.testing.assert_array_equal(
+        module(jnp.ones(3), key=key), model(jnp.ones(3), key=key)
+    )
+
+
+def test_state_of_another_model(getkey):
+    """A state made for another model (with an index of a layer whose initial value
+    `make_with_state` deleted) is an AdapterError, not a KeyError."""
+
+    class Counter(eqx.Module):
+        index: eqx.nn.StateIndex
+
+        def __init__(self):
+            self.index = eqx.nn.StateIndex(jnp.array(0))
+
+        def __call__(self, x, state):
+            return x, state
+
+    model, _ = eqx.nn.make_with_state(Counter)()
+    _, other_state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(3, "batch", mode="batch")
+    with pytest.raises(adapters.AdapterError, match="made for another model"):
+        adapters.to_nnx(model, other_state)
+
+
+def test_a_stateful_model_that_returns_no_state(getkey):
+    """Called with its state, a model must return `(out, state)`: one that returns
+    only its output gets the adapter's error, not an attribute error (nor a
+    leading axis of size 2 split into `(out, state)`)."""
+
+    class Forgets(eqx.Module):
+        index: eqx.nn.StateIndex
+
+        def __init__(self):
+            self.index = eqx.nn.StateIndex(jnp.zeros(2))
+
+        def __call__(self, x, state):
+            return x + state.get(self.index)
+
+    model, state = eqx.nn.make_with_state(Forgets)()
+    with pytest.raises(adapters.AdapterError, match=r"must return `\(out, state\)`"):
+        adapters.to_nnx(model, state)(jnp.ones((2, 2)))
+    with pytest.raises(adapters.AdapterError, match=r"must return `\(out, state\)`"):
+        adapters.to_nnx(model, state, vmap_axis=0)(jnp.ones((3, 2)))
+
+
+class Scale(eqx.Module):
+    def __call__(self, a, b):
+        return a * b
+
+
+def test_a_scalar_first_input_with_vmap_axis(getkey):
+    """The batch size is read from the first input that has axes; a Python scalar
+    input cannot be mapped over a batch axis, and JAX's `vmap` says so (not an
+    attribute error of the adapter's)."""
+    x = jr.normal(getkey(), (4, 3))
+    scales = jnp.arange(4.0)
+    out = adapters.to_nnx(Scale(), vmap_axis=0)(scales, x)
+    np.testing.assert_array_equal(out, jax.vmap(Scale())(scales, x))
+    with pytest.raises(ValueError, match="rank"):
+        adapters.to_nnx(Scale(), vmap_axis=0)(2.0, x)
