@@ -1226,3 +1226,31 @@ def test_a_scalar_first_input_with_vmap_axis(getkey):
     np.testing.assert_array_equal(out, jax.vmap(Scale())(scales, x))
     with pytest.raises(ValueError, match="rank"):
         adapters.to_nnx(Scale(), vmap_axis=0)(2.0, x)
+
+
+def test_optimiser_masks_by_path(getkey):
+    """Params are named by their path in the model, so NNX filters by path select
+    them: an `nnx.Optimizer` over the weights only (`nnx.PathContains("weight")`)
+    trains exactly what optax trains natively on the weights, and leaves the
+    biases alone."""
+    mlp = eqx.nn.MLP(3, 2, 8, 1, key=getkey())
+    x, y = jr.normal(getkey(), (6, 3)), jr.normal(getkey(), (6, 2))
+    module = adapters.to_nnx(mlp, vmap_axis=0)
+    weights = nnx.All(nnx.Param, nnx.PathContains("weight"))
+    optimizer = nnx.Optimizer(module, optax.sgd(0.1), wrt=weights)
+
+    def loss(m):
+        return jnp.mean((m(x) - y) ** 2)
+
+    grads = nnx.grad(loss, argnums=nnx.DiffState(0, weights))(module)
+    optimizer.update(module, grads)
+
+    def native_loss(model):
+        return jnp.mean((jax.vmap(model)(x) - y) ** 2)
+
+    native_grads = eqx.filter_grad(native_loss)(mlp)
+    for i, layer in enumerate(mlp.layers):
+        got = module.params["layers"][str(i)]
+        want = layer.weight - 0.1 * native_grads.layers[i].weight
+        np.testing.assert_allclose(got["weight"].get_value(), want, rtol=1e-6)
+        assert got["bias"].get_value() is layer.bias  # untouched, the same array
