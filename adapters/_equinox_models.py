@@ -13,7 +13,15 @@ import jax.tree_util as jtu
 from jaxtyping import PRNGKeyArray, PyTree
 
 from ._errors import AdapterError, AdapterTypeError
-from ._variables import equinox_to_variables, is_state_index, spec_problems, TreeSpec
+from ._variables import (
+    equinox_to_variables,
+    insert_at,
+    is_arraylike,
+    is_state_index,
+    path_keys,
+    spec_problems,
+    TreeSpec,
+)
 
 
 _PER_EXAMPLE_STATE = """\
@@ -428,3 +436,143 @@ def _axis_hint(name: str | None) -> dict[str, str]:
         "axis_name": f", axis_name={name!r}",
         "reduces": f" and the axis name that the model reduces over ({name!r})",
     }
+
+
+class _Slot:
+    """A placeholder for the model leaf (or the leaf of a state entry) that a linen
+    variable fills: `Layout` builds the variables dict with these in place of the
+    arrays, so that its flattened order maps each variable to its place."""
+
+    __slots__ = ("index", "part")
+
+    def __init__(self, index: int, part: int | None = None):
+        self.index, self.part = index, part
+
+
+def _spec(
+    slot: _Slot, flat: list[tuple[Any, Any]], state: eqx.nn.State | None
+) -> tuple[Any, Any]:
+    """The shape and dtype that the variable filling `slot` must have."""
+    leaf = flat[slot.index][1]
+    if slot.part is not None:
+        leaf = jtu.tree_leaves(state.get(leaf))[slot.part]  # pyright: ignore
+    return tuple(leaf.shape), leaf.dtype
+
+
+class Layout:
+    """Where each leaf of an Equinox model goes among linen collections, found in
+    one pass over the model (a skeleton: its arrays may be
+    `jax.ShapeDtypeStruct`s): the variables dict `equinox_to_variables` makes of
+    it, flattened, with every leaf's shape and dtype. `fill` puts given variables
+    back into the model with one flatten of the variables and one comparison per
+    leaf, so that a trace does not walk the model again; anything that does not
+    fit goes to the caller's `fallback` (`variables_to_equinox`, which reports
+    it by path). A layout holds no array and no reference to the model itself, so
+    it can be kept as long as the model lives."""
+
+    def __init__(
+        self,
+        skeleton: PyTree,
+        skeleton_state: eqx.nn.State | None,
+        state_collection: str,
+        buffer_collection: str,
+    ):
+        self.names = (state_collection, buffer_collection)
+        flat, self.treedef = jtu.tree_flatten_with_path(
+            skeleton, is_leaf=is_state_index
+        )
+        self.leaves: list[Any] = []  # the model's leaves; arrays are filled in
+        self.states: list[tuple[int, Any, Any]] = []  # (leaf index, index, treedef)
+        tokens: dict[str, dict] = {"params": {}, buffer_collection: {}}
+        tokens[state_collection] = {}
+        for i, (path, leaf) in enumerate(flat):
+            keys = path_keys(path)
+            where = "/".join(keys)
+            if is_state_index(leaf):
+                if skeleton_state is None:  # the library's message, by path
+                    equinox_to_variables(skeleton, None, *self.names)
+                try:
+                    value = skeleton_state.get(leaf)  # pyright: ignore
+                except KeyError:
+                    equinox_to_variables(skeleton, skeleton_state, *self.names)
+                    raise
+                parts, value_treedef = jtu.tree_flatten(value)
+                self.states.append((i, leaf, value_treedef))
+                token = jtu.tree_unflatten(
+                    value_treedef, [_Slot(i, j) for j in range(len(parts))]
+                )
+                insert_at(tokens[state_collection], keys, token, where)
+                self.leaves.append(leaf)
+            elif is_arraylike(leaf):
+                inexact = jnp.issubdtype(leaf.dtype, jnp.inexact)
+                collection = "params" if inexact else buffer_collection
+                insert_at(tokens[collection], keys, _Slot(i), where)
+                self.leaves.append(None)
+            else:
+                self.leaves.append(leaf)
+        self.tokens = {c: t for c, t in tokens.items() if t}
+        # Per collection, the flattened order of its variables: which slot each
+        # variable fills, and the shape and dtype it must have.
+        self.order: dict[str, tuple[Any, list[_Slot], list[tuple[Any, Any]]]] = {}
+        for collection, tree in self.tokens.items():
+            slots, treedef = jtu.tree_flatten(tree)
+            specs = [_spec(slot, flat, skeleton_state) for slot in slots]
+            self.order[collection] = (treedef, slots, specs)
+
+    def top_level(self) -> dict[str, tuple[str, ...]]:
+        """The top-level names of each collection, as linen creates them."""
+        return {c: tuple(tree) for c, tree in self.tokens.items()}
+
+    def fill(
+        self,
+        variables: dict[str, dict],
+        fallback: Callable[[dict[str, dict]], tuple[PyTree, eqx.nn.State | None]],
+        unbox: Callable[[PyTree], PyTree] | None = None,
+    ) -> tuple[PyTree, eqx.nn.State | None]:
+        """The model and state holding the arrays of `variables` (no copy), when
+        they have exactly the collections, entries, structure, shapes and dtypes
+        of this layout; else `fallback(variables)` (unboxed). `unbox` takes
+        partitioning boxes off, when the variables hold any."""
+
+        def report():
+            return fallback(variables if unbox is None else unbox(variables))
+
+        if set(variables) != set(self.order):
+            return report()
+        leaves = list(self.leaves)
+        parts: dict[int, dict[int, Any]] = {}
+        for collection, (treedef, slots, specs) in self.order.items():
+            given, given_treedef = jtu.tree_flatten(variables[collection])
+            if given_treedef != treedef and unbox is not None:
+                given, given_treedef = jtu.tree_flatten(unbox(variables[collection]))
+            if given_treedef != treedef:
+                return report()
+            for slot, spec, x in zip(slots, specs, given, strict=True):
+                if (tuple(jnp.shape(x)), getattr(x, "dtype", None)) != spec:
+                    return report()
+                if slot.part is None:
+                    leaves[slot.index] = x
+                else:
+                    parts.setdefault(slot.index, {})[slot.part] = x
+        model = jtu.tree_unflatten(self.treedef, leaves)
+        if not self.states:
+            return model, None
+        markers, values = [], []
+        for i, index, value_treedef in self.states:
+            found = parts.get(i, {})
+            markers.append(index.marker)
+            values.append(
+                jtu.tree_unflatten(value_treedef, [found[j] for j in range(len(found))])
+            )
+        return model, eqx.nn.State.tree_unflatten(tuple(markers), tuple(values))
+
+    def state_variables(self, state: eqx.nn.State) -> dict[str, Any]:
+        """The state collection of `state`, named as `equinox_to_variables` names
+        it, without walking the model."""
+        values = {i: jtu.tree_leaves(state.get(index)) for i, index, _ in self.states}
+
+        def value(slot: _Slot) -> Any:
+            return values[slot.index][slot.part]  # pyright: ignore
+
+        tokens = self.tokens.get(self.names[0], {})
+        return jtu.tree_map(value, tokens, is_leaf=lambda x: isinstance(x, _Slot))

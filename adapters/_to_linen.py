@@ -1,5 +1,6 @@
 """An Equinox model inside linen: `ToLinen` and `to_linen`."""
 
+import weakref
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -10,7 +11,7 @@ import jax.tree_util as jtu
 from jaxtyping import PRNGKeyArray, PyTree
 
 from . import _display
-from ._equinox_models import as_model_and_state, asks_for_key, call_model
+from ._equinox_models import as_model_and_state, asks_for_key, call_model, Layout
 from ._errors import AdapterError, AdapterTypeError
 from ._sharding import box_variables, Partition
 from ._variables import (
@@ -25,6 +26,11 @@ mutable in this `apply`, and the adapter will not drop the update. Pass
 `mutable=[{collection!r}]` to `apply` (and keep the returned updates), or call the
 model in inference mode with `inference=True`.\
 """
+
+
+# The layout of each `ToLinen(model=...)`'s model, by the model's id, while the
+# model lives: `(collection names, the state's leaves, Layout)`.
+_LAYOUTS: dict[int, tuple[tuple[str, str], tuple[Any, ...], Layout]] = {}
 
 
 class ToLinen(_display.Displayed, nn.Module):
@@ -139,6 +145,34 @@ class ToLinen(_display.Displayed, nn.Module):
         return eqx.filter_eval_shape(make, jax.random.key(0))
 
     @nn.nowrap
+    def _layout(self) -> Layout:
+        """The layout of the model outside init: for a `model=` field, computed once
+        per model and state and kept while the model lives (checking the state
+        and walking the model again at every trace made a trace of `ToLinen` cost
+        more than one of the model itself); for a factory, from its shapes at
+        every call."""
+        names = (self.state_collection, self.buffer_collection)
+        if self.make is not None:
+            return Layout(*self._skeleton(False), *names)
+        self._check_fields()
+        state_leaves = tuple(jtu.tree_leaves(self.state))
+        cached = _LAYOUTS.get(id(self.model))
+        if (
+            cached is not None
+            and cached[0] == names
+            and len(cached[1]) == len(state_leaves)
+            and all(a is b for a, b in zip(cached[1], state_leaves, strict=True))
+        ):
+            return cached[2]
+        layout = Layout(*self._skeleton(False), *names)
+        if id(self.model) not in _LAYOUTS:
+            weakref.finalize(self.model, _LAYOUTS.pop, id(self.model), None)
+        # The state's leaves are held with the layout, so that their ids (compared
+        # above) cannot be those of other arrays while it is kept.
+        _LAYOUTS[id(self.model)] = (names, state_leaves, layout)
+        return layout
+
+    @nn.nowrap
     def _display_fields(self) -> list[tuple[str, Any]]:
         """What `repr` shows: the Equinox model (or its factory), then each linen
         collection it becomes, with its arrays' shapes and dtypes, then the options
@@ -216,34 +250,44 @@ class ToLinen(_display.Displayed, nn.Module):
         model updates its state while the state collection is not mutable.
         """
         initializing = self.is_initializing()
-        skeleton, skeleton_state = self._skeleton(initializing)
-        initial = equinox_to_variables(
-            skeleton, skeleton_state, self.state_collection, self.buffer_collection
-        )
+        names = (self.state_collection, self.buffer_collection)
+        initial = {}
         if initializing:
-            initial = box_variables(initial, self.partition)
+            skeleton, skeleton_state = self._skeleton(initializing)
+            layout = Layout(skeleton, skeleton_state, *names)
+            initial = box_variables(
+                equinox_to_variables(skeleton, skeleton_state, *names), self.partition
+            )
+        else:
+            layout = self._layout()
         # Read what is there (so that a wrong shape gets the adapter's error, with
         # the whole path); create entries only at init.
         variables: dict[str, dict] = {}
-        for collection, tree in initial.items():
+        for collection, entries in layout.top_level().items():
             variables[collection] = {}
-            for name, value in tree.items():
+            for name in entries:
                 if self.has_variable(collection, name):
                     got = self.get_variable(collection, name)
                 elif not initializing:
                     continue  # reported as missing below
                 elif collection == "params":
+                    value = initial[collection][name]
                     got = self.param(name, lambda _, v=value: v)
                 else:
+                    value = initial[collection][name]
                     got = self.variable(collection, name, lambda v=value: v).value
                 variables[collection][name] = got
-        model, state = variables_to_equinox(
-            skeleton,
-            skeleton_state,
-            nn.meta.unbox(variables),  # under a mesh: a sharding constraint, as linen
-            self.state_collection,
-            self.buffer_collection,
-            f"The variables of {self.name or 'ToLinen'}",
+        where = f"The variables of {self.name or 'ToLinen'}"
+
+        def report(variables):  # the full check, by path, of what does not fit
+            return variables_to_equinox(
+                *self._skeleton(initializing), variables, *names, where
+            )
+
+        model, state = layout.fill(
+            variables,
+            report,
+            nn.meta.unbox,  # under a mesh: a sharding constraint, as linen
         )
         if inference is not None:
             model = eqx.nn.inference_mode(model, inference)
@@ -281,9 +325,7 @@ class ToLinen(_display.Displayed, nn.Module):
             return out
         if not self.is_mutable_collection(self.state_collection):
             raise AdapterError(_NOT_MUTABLE.format(collection=self.state_collection))
-        updates = equinox_to_variables(
-            model, new_state, self.state_collection, self.buffer_collection
-        )[self.state_collection]
+        updates = layout.state_variables(new_state)
         for name, value in box_variables(
             {self.state_collection: updates}, self.partition
         )[self.state_collection].items():
