@@ -346,6 +346,9 @@ def call_model(
                 _UNBOUND_AXIS.format(name=found, axis=None, axis_name=None, **names)
             ) from err
         except (TypeError, ValueError) as err:
+            if isinstance(err, jax.errors.JAXTypeError):
+                raise  # a tracer's misuse (a leaked tracer, Python control flow on
+                # a traced value), not a shape error: never a batch axis' fault
             runs, name = _runs_per_example(call, args, key)
             if not runs:
                 raise

@@ -28,6 +28,22 @@ model in inference mode with `inference=True`.\
 """
 
 
+_NOT_REBUILT = """\
+`ToLinen(make=...)`: the factory's model keeps arrays that it made outside its array
+leaves (in a static field or a closure), so it cannot be rebuilt from shapes alone,
+and building it for real in the current trace failed ({err}). Build the model
+once yourself and pass it: `adapters.to_linen(model, state)`, or
+`ToLinen(model=model, state=state)`.\
+"""
+
+_JIT_MODEL = """\
+`nn.jit(adapters.ToLinen)` decides when to retrace from a fingerprint of the
+module's fields, and cannot fingerprint a `model=` that holds arrays. Give the
+model through a factory instead, `nn.jit(adapters.ToLinen)(make=lambda key: model,
+...)` (`lambda key: (model, state)` for a stateful model), or jit the whole `apply`
+with `jax.jit`.\
+"""
+
 # The layout of each `ToLinen(model=...)`'s model, by the model's id, while the
 # model lives: `(collection names, the state's leaves, Layout)`.
 _LAYOUTS: dict[int, tuple[tuple[str, str], tuple[Any, ...], Layout]] = {}
@@ -99,6 +115,13 @@ class ToLinen(_display.Displayed, nn.Module):
     partition: Partition = None
 
     def __post_init__(self) -> None:
+        cls = type(self)
+        if (
+            self.model is not None
+            and cls.__module__ == "flax.linen.transforms"
+            and cls.__name__.startswith("Jit")
+        ):
+            raise AdapterError(_JIT_MODEL)
         if isinstance(self.state, eqx.nn.State):
             # Hold a State of our own (the same arrays): the caller's one is consumed
             # by the caller's next native call (Equinox's guard against reuse).
@@ -128,8 +151,13 @@ class ToLinen(_display.Displayed, nn.Module):
             )
 
     def _skeleton(self, initializing: bool) -> tuple[PyTree, eqx.nn.State | None]:
-        """The model and state: real ones at init, their shapes otherwise (from
-        `eqx.filter_eval_shape`, which runs no compute)."""
+        """The model and state: real ones at init; otherwise their shapes, from
+        `eqx.filter_eval_shape`, which runs no compute, unless the factory's model
+        keeps arrays that it made outside its array leaves (a static field, or a
+        closure over `jnp.arange(...)`, as flowjax's couplings keep): built from
+        shapes, those would be tracers that die with the build. Such a model is
+        built for real in the current trace instead (under `jit`, its compute is
+        traced and, unused, left out of the compiled program)."""
         self._check_fields()
         names = (self.state_collection, self.buffer_collection)
         if self.make is None:
@@ -142,7 +170,16 @@ class ToLinen(_display.Displayed, nn.Module):
 
         if initializing:
             return make(self.make_rng("params"))
-        return eqx.filter_eval_shape(make, jax.random.key(0))
+        key = jax.random.key(0)
+        try:
+            with jax.checking_leaks():  # a context of this thread only
+                return eqx.filter_eval_shape(make, key)
+        except Exception:  # "Leaked trace ...", or the factory's own error,
+            eqx.filter_eval_shape(make, key)  # which this raises again
+        try:
+            return make(key)
+        except Exception as err:
+            raise AdapterError(_NOT_REBUILT.format(err=err)) from err
 
     @nn.nowrap
     def _layout(self) -> Layout:
@@ -278,26 +315,26 @@ class ToLinen(_display.Displayed, nn.Module):
                     got = self.variable(collection, name, lambda v=value: v).value
                 variables[collection][name] = got
         where = f"The variables of {self.name or 'ToLinen'}"
-
-        def report(variables):  # the full check, by path, of what does not fit
-            return variables_to_equinox(
-                *self._skeleton(initializing), variables, *names, where
-            )
-
-        model, state = layout.fill(
-            variables,
-            report,
-            nn.meta.unbox,  # under a mesh: a sharding constraint, as linen
-        )
-        if inference is not None:
-            model = eqx.nn.inference_mode(model, inference)
         if self.rng_stream is not None and self.has_rng(self.rng_stream):
             kwargs["key"] = self.make_rng(self.rng_stream)
-
-        # The call consumes `state` (Equinox's guard against reuse): keep its leaves.
-        old_leaves = jtu.tree_leaves(state)
         key = kwargs.pop("key", None)
-        try:
+
+        def run(layout):
+            def report(variables):  # the full check, by path, of what does not fit
+                return variables_to_equinox(
+                    *self._skeleton(initializing), variables, *names, where
+                )
+
+            model, state = layout.fill(
+                variables,
+                report,
+                nn.meta.unbox,  # under a mesh: a sharding constraint, as linen
+            )
+            if inference is not None:
+                model = eqx.nn.inference_mode(model, inference)
+            # The call consumes `state` (Equinox's guard against reuse): keep its
+            # leaves.
+            old_leaves = jtu.tree_leaves(state)
             out, new_state = call_model(
                 model,
                 state,
@@ -309,8 +346,16 @@ class ToLinen(_display.Displayed, nn.Module):
                 "ToLinen",
                 "adapters.to_linen",
             )
+            return out, state, old_leaves, new_state
+
+        try:
+            out, state, old_leaves, new_state = run(layout)
         except (RuntimeError, TypeError) as err:
-            if not asks_for_key(err) or key is not None:
+            if (
+                isinstance(err, jax.errors.JAXTypeError)
+                or not asks_for_key(err)
+                or key is not None
+            ):
                 raise
             raise AdapterError(
                 f"The Equinox model needs a `key` ({err}). `ToLinen` passes it from "

@@ -1,6 +1,8 @@
 """`ToLinen`: conventions, errors, and both directions composed, against native
 Equinox and native linen."""
 
+from typing import Any
+
 import chex
 import equinox as eqx
 import flax.linen as nn
@@ -121,24 +123,30 @@ def test_per_example_state_update_is_refused(getkey):
 
 def test_factory_is_rebuilt_without_compute(getkey):
     """At apply, the factory runs under `eqx.filter_eval_shape`: it sees an
-    abstract key and allocates nothing."""
+    abstract key and allocates nothing. (The spy records what it saw, not the key
+    itself: keeping a tracer would be a leak, for which the model is built for
+    real, see `test_factory_whose_model_closes_over_an_array`.)"""
     keys_seen = []
+    init_keys = []
 
     def make(key):
-        keys_seen.append(key)
+        traced = isinstance(key, jax.core.Tracer)
+        keys_seen.append(traced)
+        if not traced:
+            init_keys.append(key)
         return eqx.nn.Linear(3, 2, key=key)
 
     module = adapters.ToLinen(make=make)
     x = jnp.ones(3)
     key = getkey()
     variables = module.init(key, x)
-    assert len(keys_seen) == 1 and not isinstance(keys_seen[0], jax.core.Tracer)
-    native = eqx.nn.Linear(3, 2, key=keys_seen[0])
+    assert keys_seen == [False]
+    native = eqx.nn.Linear(3, 2, key=init_keys[0])
     chex.assert_trees_all_equal(
         variables["params"], {"weight": native.weight, "bias": native.bias}
     )
     out = module.apply(variables, x)
-    assert len(keys_seen) == 2 and isinstance(keys_seen[1], jax.core.Tracer)
+    assert keys_seen == [False, True]
     chex.assert_trees_all_equal(out, native(x))
 
 
@@ -403,3 +411,164 @@ def test_a_model_failing_for_another_reason_keeps_its_error(getkey):
     module, variables = adapters.to_linen(mlp)
     with pytest.raises(TypeError, match="dot_general"):
         module.apply(variables, jnp.ones((8, 5)))
+
+
+class Shift(eqx.Module):
+    """A model whose static field closes over an array its constructor made (as
+    flowjax's couplings keep a closure over their initial parameters)."""
+
+    linear: eqx.nn.Linear
+    shift: Any = eqx.field(static=True)
+
+    def __init__(self, key):
+        self.linear = eqx.nn.Linear(3, 3, key=key)
+        offsets = jnp.arange(3.0)
+        self.shift = lambda y: y + offsets
+
+    def __call__(self, x):
+        return self.shift(self.linear(x))
+
+
+def _native_shift(variables, x):
+    """The same computation natively: a `Shift` holding the variables' arrays."""
+    native = eqx.tree_at(
+        lambda m: (m.linear.weight, m.linear.bias),
+        Shift(jr.key(0)),
+        (
+            variables["params"]["linear"]["weight"],
+            variables["params"]["linear"]["bias"],
+        ),
+    )
+    return jax.vmap(native)(x)
+
+
+def test_factory_whose_model_closes_over_an_array(getkey):
+    """Built from shapes alone, such a model would hold a dead tracer
+    (`UnexpectedTracerError` at its first call): it is built for real in the
+    apply's trace instead, and computes what the native model computes, eagerly,
+    under `jax.jit` and back through `equinox_model`."""
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return adapters.ToLinen(make=Shift, vmap_axis=0)(x)
+
+    x = jr.normal(getkey(), (4, 3))
+    variables = Net().init(getkey(), x)
+    inner = {"params": variables["params"]["ToLinen_0"]}
+    want = _native_shift(inner, x)
+    chex.assert_trees_all_close(Net().apply(variables, x), want, rtol=1e-6)
+    chex.assert_trees_all_close(jax.jit(Net().apply)(variables, x), want, rtol=1e-6)
+    model, state = adapters.ToLinen(make=Shift).equinox_model(inner)
+    assert state is None
+    chex.assert_trees_all_close(jax.vmap(model)(x), want, rtol=1e-6)
+    assert model.linear.weight is inner["params"]["linear"]["weight"]  # no copy
+
+
+def test_factory_of_a_flowjax_flow(getkey):
+    """A real library's model of that kind: a flowjax coupling flow (its
+    couplings close over their initial parameters), its log density in linen."""
+    from flowjax.distributions import Normal
+    from flowjax.flows import coupling_flow
+
+    class LogProb(eqx.Module):
+        flow: Any
+
+        def __call__(self, x):
+            return self.flow.log_prob(x)
+
+    def make(key):
+        flow = coupling_flow(
+            key, base_dist=Normal(jnp.zeros(3)), flow_layers=2, nn_width=8
+        )
+        return LogProb(flow)
+
+    module = adapters.ToLinen(make=make)
+    x = jr.normal(getkey(), (5, 3))
+    variables = jax.jit(module.init)(getkey(), x)
+    out = jax.jit(module.apply)(variables, x)
+    model, _ = module.equinox_model(variables)  # no dead tracer in it
+    # Natively: a flow built by the library, holding the variables' arrays.
+    native = make(jr.key(0))
+    native = eqx.combine(
+        eqx.filter(model, eqx.is_array), eqx.filter(native, eqx.is_array, inverse=True)
+    )
+    want = jax.jit(lambda x: native(x))(x)
+    chex.assert_trees_all_close(out, want, rtol=1e-5)
+    chex.assert_trees_all_close(jax.jit(lambda x: model(x))(x), want, rtol=1e-5)
+
+
+def test_factory_that_cannot_be_rebuilt_points_to_model(getkey):
+    """A factory whose model needs rebuilding in the trace, and whose rebuild
+    fails, is an AdapterError naming the cause and pointing to `model=`."""
+    calls = []
+
+    def make(key):
+        if not isinstance(key, jax.core.Tracer):
+            calls.append(key)
+            if len(calls) > 1:
+                raise RuntimeError("this factory builds its model once")
+        return Shift(key)
+
+    module = adapters.ToLinen(make=make, vmap_axis=0)
+    x = jr.normal(getkey(), (4, 3))
+    variables = module.init(getkey(), x)
+    with pytest.raises(adapters.AdapterError, match="builds its model once") as info:
+        module.apply(variables, x)
+    assert "adapters.to_linen(model, state)" in str(info.value)
+
+
+def test_nn_jit_of_a_model_field_says_to_use_make(getkey):
+    """`nn.jit` fingerprints the module's fields and cannot fingerprint arrays: a
+    `model=` under `nn.jit` is refused with the fix, and the fix computes what
+    the model computes."""
+    mlp = eqx.nn.MLP(3, 2, 8, 1, key=getkey())
+    x = jr.normal(getkey(), (4, 3))
+    with pytest.raises(adapters.AdapterError, match=r"make=lambda key: model"):
+        nn.jit(adapters.ToLinen)(model=mlp, vmap_axis=0)
+    module = nn.jit(adapters.ToLinen)(make=lambda key: mlp, vmap_axis=0)
+    variables = module.init(getkey(), x)
+    chex.assert_trees_all_equal(
+        variables["params"]["layers"]["0"]["weight"], mlp.layers[0].weight
+    )
+    chex.assert_trees_all_close(module.apply(variables, x), jax.vmap(mlp)(x), rtol=1e-6)
+
+
+def test_a_trace_builds_the_layout_once_per_model(getkey, monkeypatch):
+    """The model's layout (a walk of the model and the check of its state) is
+    built once per model and state and kept: retracing an `apply` does not walk
+    the model again, and a wrong variables dict is still reported by path."""
+    built = []
+    original = adapters._to_linen.Layout
+
+    class Counting(original):
+        def __init__(self, *args, **kwargs):
+            built.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(adapters._to_linen, "Layout", Counting)
+    model, state = eqx.nn.make_with_state(Stack)(getkey())
+    module, variables = adapters.to_linen(model, state, vmap_axis=0, axis_name="batch")
+    x = jr.normal(getkey(), (8, 3))
+    for _ in range(3):  # three fresh traces
+        jax.jit(lambda v, x: module.apply(v, x, mutable=["batch_stats"]))(variables, x)
+    assert len(built) == 1
+    bad = jax.tree.map(lambda a: a, variables)
+    bad["params"]["linear"]["weight"] = jnp.zeros((5, 3))
+    with pytest.raises(adapters.AdapterError, match=r"params/linear/weight"):
+        module.apply(bad, x, mutable=["batch_stats"])
+
+
+def test_the_kept_layout_does_not_keep_the_model_alive(getkey):
+    import gc
+    import weakref
+
+    mlp = eqx.nn.MLP(3, 2, 8, 1, key=getkey())
+    module, variables = adapters.to_linen(mlp, vmap_axis=0)
+    module.apply(variables, jnp.ones((2, 3)))
+    assert id(mlp) in adapters._to_linen._LAYOUTS
+    ref, key = weakref.ref(mlp), id(mlp)
+    del mlp, module, variables
+    gc.collect()
+    assert ref() is None
+    assert key not in adapters._to_linen._LAYOUTS
