@@ -319,22 +319,21 @@ class ToLinen(_display.Displayed, nn.Module):
             kwargs["key"] = self.make_rng(self.rng_stream)
         key = kwargs.pop("key", None)
 
-        def run(layout):
-            def report(variables):  # the full check, by path, of what does not fit
-                return variables_to_equinox(
-                    *self._skeleton(initializing), variables, *names, where
-                )
-
-            model, state = layout.fill(
-                variables,
-                report,
-                nn.meta.unbox,  # under a mesh: a sharding constraint, as linen
+        def report(variables):  # the full check, by path, of what does not fit
+            return variables_to_equinox(
+                *self._skeleton(initializing), variables, *names, where
             )
-            if inference is not None:
-                model = eqx.nn.inference_mode(model, inference)
-            # The call consumes `state` (Equinox's guard against reuse): keep its
-            # leaves.
-            old_leaves = jtu.tree_leaves(state)
+
+        model, state = layout.fill(
+            variables,
+            report,
+            nn.meta.unbox,  # under a mesh: a sharding constraint, as linen
+        )
+        if inference is not None:
+            model = eqx.nn.inference_mode(model, inference)
+        # The call consumes `state` (Equinox's guard against reuse): keep its leaves.
+        old_leaves = jtu.tree_leaves(state)
+        try:
             out, new_state = call_model(
                 model,
                 state,
@@ -346,10 +345,6 @@ class ToLinen(_display.Displayed, nn.Module):
                 "ToLinen",
                 "adapters.to_linen",
             )
-            return out, state, old_leaves, new_state
-
-        try:
-            out, state, old_leaves, new_state = run(layout)
         except (RuntimeError, TypeError) as err:
             if (
                 isinstance(err, jax.errors.JAXTypeError)
