@@ -136,6 +136,19 @@ def test_page_runs(page, tmp_path, monkeypatch):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_code_blocks_fit_the_page():
+    """Every line of every code block (python, text, bash) is at most 88 columns,
+    the width the site shows without a scroll bar."""
+    too_long = [
+        (page, block.line + i, len(line))
+        for page in PAGES
+        for block in blocks(page)
+        for i, line in enumerate(block.body.splitlines(), start=1)
+        if len(line) > 88
+    ]
+    assert not too_long, too_long
+
+
 def test_directives_are_known_and_skips_are_few():
     skipped = []
     for page in PAGES:
