@@ -52,9 +52,7 @@ class SowsAtInit(nn.Module):
     @nn.compact
     def __call__(self, x):
         y = nn.Dense(2)(x)
-        self.sow(
-            "losses", "aux", jnp.sum(y**2), reduce_fn=jnp.add, init_fn=lambda: 0.0
-        )
+        self.sow("losses", "aux", jnp.sum(y**2), reduce_fn=jnp.add, init_fn=lambda: 0.0)
         return y
 
 
@@ -291,8 +289,9 @@ def test_train_like_keyword_is_mapped(name, getkey):
     out, new_state = model(X, model.with_linen_variables(variables)[1])
     want, updates = module.apply(variables, X, mutable=["batch_stats"], **{name: True})
     chex.assert_trees_all_equal(out, want)
-    chex.assert_trees_all_equal(model.linen_variables(new_state)["batch_stats"],
-                                updates["batch_stats"])
+    chex.assert_trees_all_equal(
+        model.linen_variables(new_state)["batch_stats"], updates["batch_stats"]
+    )
 
 
 def _renamed(name):
@@ -304,7 +303,9 @@ def _renamed(name):
         {"TrainFlag": TrainFlag},
         namespace,
     )
-    return type(f"Flag_{name}", (nn.Module,), {"__call__": nn.compact(namespace["__call__"])})()
+    return type(
+        f"Flag_{name}", (nn.Module,), {"__call__": nn.compact(namespace["__call__"])}
+    )()
 
 
 @pytest.mark.parametrize("name", ["deterministic", "use_running_average", "inference"])
@@ -320,7 +321,9 @@ def test_deterministic_like_keyword_is_mapped(name, getkey):
             namespace,
         )
         module = type(
-            f"Flag_{name}", (nn.Module,), {"__call__": nn.compact(namespace["__call__"])}
+            f"Flag_{name}",
+            (nn.Module,),
+            {"__call__": nn.compact(namespace["__call__"])},
         )()
     model, state = adapters.to_equinox(module, X, key=getkey())
     variables = model.linen_variables(state)
@@ -451,7 +454,9 @@ def test_weak_param_retraces_as_linen_does(apply_updates, getkey):
 def test_trainable_typo_is_refused_with_the_collections(getkey):
     with pytest.raises(
         adapters.AdapterError,
-        match=_msg("['param']", "not a collection of Plain", "['batch_stats', 'params']"),
+        match=_msg(
+            "['param']", "not a collection of Plain", "['batch_stats', 'params']"
+        ),
     ):
         adapters.to_equinox(Plain(), X, key=getkey(), trainable="param")
     # The default on a module without parameters is not an error.
@@ -486,7 +491,9 @@ def test_inference_keyword_the_module_does_not_take(getkey):
 
 def test_capture_true_and_unknown_methods(getkey):
     model, state = adapters.to_equinox(Plain(), X, key=getkey())
-    with pytest.raises(TypeError, match=_msg("capture=True", "capture='intermediates'")):
+    with pytest.raises(
+        TypeError, match=_msg("capture=True", "capture='intermediates'")
+    ):
         model(X, state, capture=True)
     with pytest.raises(adapters.AdapterError, match=_msg("`method='b'`", "Plain")):
         model(X, state, method="b")
@@ -512,13 +519,16 @@ def test_slash_in_a_key_is_not_a_nested_path():
     model, state = adapters.to_equinox(Holder(), variables=variables)
     bad = {c: {"a/b": jnp.zeros(3), "a": {"b": jnp.zeros(7)}} for c in variables}
     with pytest.raises(
-        adapters.AdapterError, match=_msg("params/a/b: expected float32[2], got float32[7]")
+        adapters.AdapterError,
+        match=_msg("params/a/b: expected float32[2], got float32[7]"),
     ):
         model.with_linen_variables(bad)
     wrong = eqx.nn.State.tree_unflatten(
         (model.state_indices["stats"].marker,), (bad["stats"],)
     )
-    with pytest.raises(adapters.AdapterError, match=_msg("stats/a/b: expected float32[2]")):
+    with pytest.raises(
+        adapters.AdapterError, match=_msg("stats/a/b: expected float32[2]")
+    ):
         model(X, wrong)
     ok = {c: {"a/b": jnp.ones(3), "a": {"b": jnp.ones(2)}} for c in variables}
     model2, state2 = model.with_linen_variables(ok)
@@ -528,8 +538,12 @@ def test_slash_in_a_key_is_not_a_nested_path():
 def test_slash_key_is_quoted_in_messages():
     variables = {"params": {"a/b": jnp.zeros(3), "a": {"b": jnp.zeros(2)}}}
     model, _ = adapters.to_equinox(Holder(), variables=variables)
-    with pytest.raises(adapters.AdapterError, match=_msg("params/'a/b': expected float32[3]")):
-        model.with_linen_variables({"params": {"a/b": jnp.zeros(4), "a": {"b": jnp.zeros(2)}}})
+    with pytest.raises(
+        adapters.AdapterError, match=_msg("params/'a/b': expected float32[3]")
+    ):
+        model.with_linen_variables(
+            {"params": {"a/b": jnp.zeros(4), "a": {"b": jnp.zeros(2)}}}
+        )
 
 
 # Errors that must be clear.
@@ -548,7 +562,9 @@ def test_bad_keys(key, got):
     with pytest.raises(TypeError, match=_msg("must be one JAX PRNG key", got)):
         adapters.to_equinox(Plain(), X, key=key)
     model, state = adapters.to_equinox(Plain(), X, key=jax.random.key(0))
-    with pytest.raises(adapters.AdapterError, match=_msg("`ToEquinox.__call__`'s `key`", got)):
+    with pytest.raises(
+        adapters.AdapterError, match=_msg("`ToEquinox.__call__`'s `key`", got)
+    ):
         model(X, state, key=key)
     # A legacy raw key is a key.
     out, _ = model(X, state, key=jax.random.PRNGKey(0))
@@ -561,14 +577,18 @@ def test_legacy_key_in_the_place_of_an_input(getkey):
             return nn.Dense(2)(x) + y
 
     model, state = adapters.to_equinox(TwoInputs(), X, jnp.ones(2), key=getkey())
-    with pytest.raises(adapters.AdapterError, match=_msg("positional argument 1", "key=key")):
+    with pytest.raises(
+        adapters.AdapterError, match=_msg("positional argument 1", "key=key")
+    ):
         model(X[:, :2], jax.random.PRNGKey(0), state)
 
 
 def test_linen_habits_at_the_call(getkey):
     model, state = adapters.to_equinox(Plain(), X, key=getkey())
     variables = model.linen_variables(state)
-    with pytest.raises(adapters.AdapterError, match=_msg("linen variables dict", "model(x, state)")):
+    with pytest.raises(
+        adapters.AdapterError, match=_msg("linen variables dict", "model(x, state)")
+    ):
         model(variables, X, state)
     with pytest.raises(TypeError, match=_msg("eqx.filter_jit", "eqx.partition")):
         jax.jit(model)(X, state)
@@ -581,17 +601,24 @@ def test_construction_mistakes(getkey):
     with pytest.raises(TypeError, match=_msg("`rng_streams` takes a name", "got 5")):
         adapters.to_equinox(Plain(), X, key=getkey(), rng_streams=5)
     abstract = jax.eval_shape(lambda: Plain().init(jax.random.key(0), X))
-    with pytest.raises(TypeError, match=_msg("jax.ShapeDtypeStruct", "restore the values")):
+    with pytest.raises(
+        TypeError, match=_msg("jax.ShapeDtypeStruct", "restore the values")
+    ):
         adapters.to_equinox(Plain(), variables=abstract)
     params = Plain().init(jax.random.key(0), X)["params"]
-    with pytest.raises(adapters.AdapterError, match=_msg("['BatchNorm_0', 'Dense_0']", "{'params': params")):
+    with pytest.raises(
+        adapters.AdapterError,
+        match=_msg("['BatchNorm_0', 'Dense_0']", "{'params': params"),
+    ):
         adapters.to_equinox(Plain(), variables=params)
 
 
 def test_float64_checkpoint_names_the_narrowing(getkey):
     variables = Plain().init(jax.random.key(0), X)
     wide = jax.tree.map(lambda a: np.asarray(a, np.float64), variables)
-    with pytest.raises(adapters.AdapterError, match=_msg("float64[", "32-bit mode", "jax_enable_x64")):
+    with pytest.raises(
+        adapters.AdapterError, match=_msg("float64[", "32-bit mode", "jax_enable_x64")
+    ):
         adapters.to_equinox(Plain(), X, variables=wide)
 
 

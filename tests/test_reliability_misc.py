@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import adapters
-from adapters.testing import PREFIX, assert_equivalent
+from adapters.testing import assert_equivalent, PREFIX
 
 
 FAILED = PREFIX + "assert_equivalent failed: "
