@@ -3,9 +3,11 @@ and dtypes of its arrays, as Equinox prints a model (`repr`, `eqx.tree_pprint`),
 and in treescope when it is installed.
 
 A wrapper inherits `Displayed` and gives `_display_fields()`, a list of
-`(name, value)` pairs; arrays print as
-`f32[3,4]` and state collections, whose arrays live in the `eqx.nn.State` and not in
-the wrapper, as shapes built from the wrapper's shape specs.
+`(name, value)` pairs, each name an attribute of the wrapper (so that what a user
+reads is what they type); arrays print as `f32[3,4]`, and a state index as
+`StateIndex({...})` with the shapes of what the `eqx.nn.State` holds at that index:
+the arrays live in the state, not in the wrapper, so the shapes are built from the
+wrapper's shape specs.
 """
 
 from collections.abc import Iterable
@@ -60,6 +62,42 @@ def nested_shapes(leaves: Iterable[tuple[tuple[str, ...], Any]]) -> dict[str, An
             node = node.setdefault(key, {})
         node[last] = shape(leaf.shape, leaf.dtype)
     return tree
+
+
+class StateIndex:
+    """An `eqx.nn.StateIndex` as the wrappers print it, `StateIndex({...})`, showing
+    the shapes and dtypes of what `state.get(index)` returns, as the constructor
+    `eqx.nn.StateIndex(init)` takes its initial value."""
+
+    __slots__ = ("shapes",)
+
+    def __init__(self, shapes: Any):
+        self.shapes = shapes
+
+    def __repr__(self) -> str:
+        return f"StateIndex({self.shapes!r})"
+
+    def __pdoc__(self, **kwargs: Any) -> Any:
+        import wadler_lindig as wl
+
+        return wl.bracketed(
+            begin=wl.TextDoc("StateIndex("),
+            docs=[wl.pdoc(self.shapes, **kwargs)],
+            sep=wl.comma,
+            end=wl.TextDoc(")"),
+            indent=kwargs.get("indent", 2),
+        )
+
+    def __treescope_repr__(self, path: str | None, subtree_renderer: Any) -> Any:
+        from treescope import rendering_parts
+
+        # The shapes are no attribute of the index: no path to copy below it.
+        return rendering_parts.build_foldable_tree_node_from_children(
+            prefix="StateIndex(",
+            children=[subtree_renderer(self.shapes, path=None)],
+            suffix=")",
+            path=path,
+        )
 
 
 class Displayed:

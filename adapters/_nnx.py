@@ -274,7 +274,7 @@ class NNXToEquinox(_display.Displayed, eqx.Module):
             ("nnx_module", _display.Text(f"{name}(...)")),
             ("trainable", self.trainable),
             ("variables", self.variables),
-            ("state", _display.nested_shapes(state)),
+            ("state_index", _display.StateIndex(_display.nested_shapes(state))),
             ("inference", self.inference),
         ]
 

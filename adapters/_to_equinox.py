@@ -28,9 +28,9 @@ from ._to_equinox_messages import (
     _JIT_WHOLE_MODEL,
     _MISSING_ARGUMENT,
     _NEEDS_KEY,
-    _NOT_A_COLLECTION,
     _NO_PARAMS,
     _NO_STATE,
+    _NOT_A_COLLECTION,
     _RAW_KEY_INPUT,
     _SOWN_STATE,
     _STATE_NOT_LAST,
@@ -100,7 +100,9 @@ def _changed_fix(
         )
     dtypes = {str(x.dtype) for x in jax.tree.leaves(inputs) if hasattr(x, "dtype")}
     held = {str(leaf.dtype) for _, leaf in spec.leaves}
-    widened = sorted(d for d in dtypes - held if any(f"got {d}[" in p for p in problems))
+    widened = sorted(
+        d for d in dtypes - held if any(f"got {d}[" in p for p in problems)
+    )
     if widened:
         return _CAST_INPUT.format(dtypes=", ".join(widened))
     return _FIX_RESHAPED
@@ -129,6 +131,249 @@ def _quoted(err: Exception, before: str) -> str:
     """The name flax quotes after `before` in its error message."""
     match = re.search(before + r' "([^"]+)"', str(err))
     return match.group(1) if match else "?"
+
+
+def _unbound_linen_module(module: Any) -> nn.Module:
+    """The linen module to wrap: refuses a class, anything but a linen module, and a
+    module bound to variables."""
+    if isinstance(module, type) and issubclass(module, (nn.Module, nnx.Module)):
+        raise AdapterTypeError(
+            f"`adapters.to_equinox` wraps a module instance, but got the class "
+            f"{module.__qualname__} itself. Build the module first, e.g. "
+            f"`adapters.to_equinox({module.__name__}(...), x, key=key)` with its "
+            "attributes (such as `features`)."
+        )
+    if not isinstance(module, nn.Module):
+        hint = ""
+        if isinstance(module, nnx.Module):
+            hint = (
+                " For a Flax NNX module, call `adapters.to_equinox(module)`, "
+                "which builds an `adapters.NNXToEquinox`."
+            )
+        raise AdapterTypeError(
+            "`adapters.ToEquinox` wraps a `flax.linen.Module`, but got "
+            f"{_type_name(module)}.{hint}"
+        )
+    if module.scope is not None:
+        if module.variables:
+            raise AdapterError(
+                f"`adapters.ToEquinox` needs an unbound linen module, but "
+                f"{type(module).__name__} is bound to variables. Pass the module "
+                "definition and its variables: `module, variables = "
+                "bound.unbind()`, then `to_equinox(module, variables=variables)`."
+            )
+        # Built inside another linen module's method (e.g. in a `ToLinen`
+        # factory), linen binds it to that module; it holds nothing: use its
+        # definition. The user's object is left as it is.
+        module = module.clone(parent=None)
+    return module
+
+
+def _optional_names(
+    names: str | Sequence[str] | None, what: str
+) -> tuple[str, ...] | None:
+    """`normalise_names`, keeping `None` (a mode option left to the conventions)."""
+    return None if names is None else normalise_names(names, what)
+
+
+def _method_name(method: str | Callable[..., Any] | None) -> str:
+    return getattr(method, "__name__", method) or "__call__"
+
+
+def _check_init_options(
+    module: nn.Module,
+    key: PRNGKeyArray | None,
+    init_method: str | Callable[..., Any] | None,
+    inference: bool | None,
+    modes: tuple[tuple[str, ...] | None, tuple[str, ...] | None],
+) -> None:
+    """Refuses an `init_method` that is no method, a `key` that is no key, an
+    `inference=` that would be conflated with the module's own keyword, and mode
+    keywords the init method does not take."""
+    name, method_name = type(module).__name__, _method_name(init_method)
+    _check_method(module, init_method, "init_method")
+    if key is not None:
+        check_key(key, f"`adapters.to_equinox({name}, ...)`'s `key`")
+    train_kwarg, deterministic_kwarg = modes
+    explicit = (*(train_kwarg or ()), *(deterministic_kwarg or ()))
+    if (
+        inference is not None
+        and "inference" not in explicit
+        and _modes.named(module, init_method, ("inference",))
+    ):
+        raise AdapterError(_INFERENCE_COLLISION.format(name=name, method=method_name))
+    for mode_name in explicit:
+        if not _modes.accepts(module, init_method, mode_name):
+            raise AdapterError(
+                f"`train_kwarg`/`deterministic_kwarg` name {mode_name!r}, but "
+                f"{name}.{method_name} takes no "
+                f"keyword {mode_name!r}. Name the keyword that switches the "
+                "module between training and inference (e.g. `train`, "
+                "`deterministic`), or leave the option out."
+            )
+
+
+def _linen_init(
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    init_method: str | Callable[..., Any] | None,
+    rng_streams: tuple[str, ...],
+    modes: tuple[tuple[str, ...] | None, tuple[str, ...] | None],
+    trainable: tuple[str, ...],
+    per_call: tuple[str, ...],
+) -> Callable[[PRNGKeyArray], Any]:
+    """linen's init of `module` with the example arguments, as a function of the
+    key, in inference mode, without the `per_call` collections; it refuses a
+    module that sows into a collection it would otherwise put in the state."""
+    name, method_name = type(module).__name__, _method_name(init_method)
+    init_kwargs = _modes.mode_kwargs(
+        kwargs,
+        True,
+        *_modes.resolve(module, init_method, *modes),
+        lambda n: _modes.accepts(module, init_method, n, args),
+    )
+    init_streams = tuple(dict.fromkeys(("params", *rng_streams)))
+
+    def linen_init(k, immutable=()):
+        try:
+            return module.init(
+                linen_rngs(k, init_streams),
+                *args,
+                method=init_method,
+                mutable=nn.DenyList((*per_call, *immutable)),
+                **init_kwargs,
+            )
+        except TypeError as err:
+            if "required" not in str(err) or "argument" not in str(err):
+                raise
+            found = re.search(r"argument[s]?: '(\w+)'", str(err))
+            raise AdapterError(
+                _MISSING_ARGUMENT.format(
+                    name=name,
+                    method=method_name,
+                    err=err,
+                    arg=found[1] if found else "train",
+                )
+            ) from err
+
+    def init(k):
+        variables = linen_init(k)
+        sown = _sown_collections(linen_init, k, variables, trainable)
+        if sown:
+            raise AdapterError(
+                _SOWN_STATE.format(
+                    name=name,
+                    collections=sown,
+                    per_call=tuple(dict.fromkeys((*per_call, *sown))),
+                )
+            )
+        return variables
+
+    return init
+
+
+def _initialised_variables(
+    init: Callable[[PRNGKeyArray], Any], key: PRNGKeyArray | None, module: nn.Module
+) -> dict[str, PyTree]:
+    """The variables of linen's init with `key`."""
+    name = type(module).__name__
+    if key is None:
+        raise AdapterError(
+            f"`adapters.to_equinox({name}, ...)` needs `key=` to initialise "
+            "the linen variables, or existing `variables=` to wrap."
+        )
+    return as_collections(init(key), f"{name}.init")
+
+
+def _checked_variables(
+    variables: PyTree,
+    init: Callable[[PRNGKeyArray], Any] | None,
+    key: PRNGKeyArray | None,
+    module: nn.Module,
+    *,
+    trainable: tuple[str, ...],
+    per_call: tuple[str, ...],
+) -> dict[str, PyTree]:
+    """The given variables without the `per_call` collections, refused if a state
+    entry would be narrowed, if they do not fit what `init` (given when there are
+    example arguments) creates, or if they read as the `params` collection alone."""
+    name = type(module).__name__
+    variables = as_collections(variables, "`variables`")
+    variables = {c: t for c, t in variables.items() if c not in per_call}
+    for c, t in variables.items():
+        narrowed = narrowing_problems(TreeSpec.of(t, f"`variables`/{c}"), c)
+        if narrowed:
+            raise AdapterError(narrowed[0])
+    if init is not None:
+        expected = jax.eval_shape(init, jax.random.key(0) if key is None else key)
+        problems = variables_problems(
+            as_collections(expected, f"{name}.init"), variables, "`variables`"
+        )
+        if problems:
+            hint = ""
+            params = expected.get("params", {})
+            if variables and set(variables) <= set(params):
+                hint = (
+                    "\nThese look like the `params` collection alone: pass "
+                    "`variables={'params': params, ...}` with every "
+                    "collection."
+                )
+            raise AdapterError(
+                f"The variables do not fit {name}: linen's init with the "
+                "given example arguments creates something else.\n"
+                + "\n".join(problems)
+                + hint
+                + "\nPass the variables this module was trained with, or "
+                "the example arguments it was initialised with (or no "
+                "example arguments, to skip this check)."
+            )
+    elif not set(trainable) & set(variables) and _looks_like_params(variables):
+        raise AdapterError(
+            f"The variables given for {name} hold no trainable collection "
+            f"{trainable} but top-level entries {sorted(variables)}, "
+            "which read as submodules: the `params` collection alone. Pass "
+            "`variables={'params': params, ...}` with every collection, as "
+            "linen's `module.init` returns them."
+        )
+    return variables
+
+
+def _check_trainable_collections(
+    trainable: tuple[str, ...], variables: dict[str, PyTree], module: nn.Module
+) -> None:
+    """Refuses a `trainable` name that is no collection of the variables (`params`
+    may be missing: a module without parameters)."""
+    missing = [c for c in trainable if c not in variables and c != "params"]
+    if missing:
+        raise AdapterError(
+            _NOT_A_COLLECTION.format(
+                names=missing,
+                verb="is" if len(missing) == 1 else "are",
+                name=type(module).__name__,
+                collections=sorted(variables),
+            )
+        )
+
+
+def _split_trainable_and_state(
+    variables: dict[str, PyTree], trainable: tuple[str, ...]
+) -> tuple[
+    dict[str, PyTree],
+    dict[str, eqx.nn.StateIndex],
+    tuple[tuple[str, TreeSpec], ...],
+]:
+    """The fields `variables` (the trainable collections, as JAX arrays),
+    `state_indices` (one `eqx.nn.StateIndex` per other collection) and
+    `_state_specs` (the shapes and dtypes of those collections)."""
+    specs = {c: TreeSpec.of(t, f"`variables`/{c}") for c, t in variables.items()}
+    variables = {c: as_jax_arrays(t, specs[c], c) for c, t in variables.items()}
+    trainable_trees = {c: t for c, t in variables.items() if c in trainable}
+    state_trees = {c: t for c, t in variables.items() if c not in trainable}
+    state_indices = {c: eqx.nn.StateIndex(t) for c, t in state_trees.items()}
+    state_specs = tuple((c, specs[c]) for c in state_trees)
+    return trainable_trees, state_indices, state_specs
 
 
 class ToEquinox(_display.Displayed, eqx.Module):
@@ -238,185 +483,45 @@ class ToEquinox(_display.Displayed, eqx.Module):
         names a collection the module does not have, or if an option is not what
         it should be.
         """
-        if isinstance(module, type) and issubclass(module, (nn.Module, nnx.Module)):
-            raise AdapterTypeError(
-                f"`adapters.to_equinox` wraps a module instance, but got the class "
-                f"{module.__qualname__} itself. Build the module first, e.g. "
-                f"`adapters.to_equinox({module.__name__}(...), x, key=key)` with its "
-                "attributes (such as `features`)."
-            )
-        if not isinstance(module, nn.Module):
-            hint = ""
-            if isinstance(module, nnx.Module):
-                hint = (
-                    " For a Flax NNX module, call `adapters.to_equinox(module)`, "
-                    "which builds an `adapters.NNXToEquinox`."
-                )
-            raise AdapterTypeError(
-                "`adapters.ToEquinox` wraps a `flax.linen.Module`, but got "
-                f"{_type_name(module)}.{hint}"
-            )
-        if module.scope is not None:
-            if module.variables:
-                raise AdapterError(
-                    f"`adapters.ToEquinox` needs an unbound linen module, but "
-                    f"{type(module).__name__} is bound to variables. Pass the module "
-                    "definition and its variables: `module, variables = "
-                    "bound.unbind()`, then `to_equinox(module, variables=variables)`."
-                )
-            # Built inside another linen module's method (e.g. in a `ToLinen`
-            # factory), linen binds it to that module; it holds nothing: use its
-            # definition. The user's object is left as it is.
-            module = module.clone(parent=None)
-        name = type(module).__name__
+        module = _unbound_linen_module(module)
         trainable = normalise_names(trainable, "trainable")
         per_call = normalise_names(per_call, "per_call")
         self.rng_streams = normalise_names(rng_streams, "rng_streams")
-        self.train_kwarg = (
-            None if train_kwarg is None else normalise_names(train_kwarg, "train_kwarg")
+        self.train_kwarg = _optional_names(train_kwarg, "train_kwarg")
+        self.deterministic_kwarg = _optional_names(
+            deterministic_kwarg, "deterministic_kwarg"
         )
-        self.deterministic_kwarg = (
-            None
-            if deterministic_kwarg is None
-            else normalise_names(deterministic_kwarg, "deterministic_kwarg")
-        )
-        _check_method(module, init_method, "init_method")
-        if key is not None:
-            check_key(key, f"`adapters.to_equinox({name}, ...)`'s `key`")
-        method_name = getattr(init_method, "__name__", init_method) or "__call__"
-        explicit = (*(self.train_kwarg or ()), *(self.deterministic_kwarg or ()))
-        if (
-            inference is not None
-            and "inference" not in explicit
-            and _modes.named(module, init_method, ("inference",))
-        ):
-            raise AdapterError(
-                _INFERENCE_COLLISION.format(name=name, method=method_name)
-            )
+        modes = (self.train_kwarg, self.deterministic_kwarg)
+        _check_init_options(module, key, init_method, inference, modes)
         self.inference = bool(inference)
         self._module = Static(module)
 
-        for mode_name in explicit:
-            if not _modes.accepts(module, init_method, mode_name):
-                raise AdapterError(
-                    f"`train_kwarg`/`deterministic_kwarg` name {mode_name!r}, but "
-                    f"{name}.{method_name} takes no "
-                    f"keyword {mode_name!r}. Name the keyword that switches the "
-                    "module between training and inference (e.g. `train`, "
-                    "`deterministic`), or leave the option out."
-                )
-        init_kwargs = _modes.mode_kwargs(
+        init = _linen_init(
+            module,
+            args,
             kwargs,
-            True,
-            *_modes.resolve(
-                module, init_method, self.train_kwarg, self.deterministic_kwarg
-            ),
-            lambda n: _modes.accepts(module, init_method, n, args),
+            init_method=init_method,
+            rng_streams=self.rng_streams,
+            modes=modes,
+            trainable=trainable,
+            per_call=per_call,
         )
-
-        init_streams = tuple(dict.fromkeys(("params", *self.rng_streams)))
-
-        def linen_init(k, immutable=()):
-            try:
-                return module.init(
-                    linen_rngs(k, init_streams),
-                    *args,
-                    method=init_method,
-                    mutable=nn.DenyList((*per_call, *immutable)),
-                    **init_kwargs,
-                )
-            except TypeError as err:
-                if "required" not in str(err) or "argument" not in str(err):
-                    raise
-                found = re.search(r"argument[s]?: '(\w+)'", str(err))
-                raise AdapterError(
-                    _MISSING_ARGUMENT.format(
-                        name=name,
-                        method=method_name,
-                        err=err,
-                        arg=found[1] if found else "train",
-                    )
-                ) from err
-
-        def init(k):
-            variables = linen_init(k)
-            sown = _sown_collections(linen_init, k, variables, trainable)
-            if sown:
-                raise AdapterError(
-                    _SOWN_STATE.format(
-                        name=name,
-                        collections=sown,
-                        per_call=tuple(dict.fromkeys((*per_call, *sown))),
-                    )
-                )
-            return variables
-
         if variables is None:
-            if key is None:
-                raise AdapterError(
-                    f"`adapters.to_equinox({name}, ...)` needs `key=` to initialise "
-                    "the linen variables, or existing `variables=` to wrap."
-                )
-            variables = as_collections(init(key), f"{name}.init")
+            variables = _initialised_variables(init, key, module)
         else:
-            variables = as_collections(variables, "`variables`")
-            variables = {c: t for c, t in variables.items() if c not in per_call}
-            for c, t in variables.items():
-                narrowed = narrowing_problems(TreeSpec.of(t, f"`variables`/{c}"), c)
-                if narrowed:
-                    raise AdapterError(narrowed[0])
-            if args or kwargs:
-                expected = jax.eval_shape(
-                    init, jax.random.key(0) if key is None else key
-                )
-                problems = variables_problems(
-                    as_collections(expected, f"{name}.init"), variables, "`variables`"
-                )
-                if problems:
-                    hint = ""
-                    params = expected.get("params", {})
-                    if variables and set(variables) <= set(params):
-                        hint = (
-                            "\nThese look like the `params` collection alone: pass "
-                            "`variables={'params': params, ...}` with every "
-                            "collection."
-                        )
-                    raise AdapterError(
-                        f"The variables do not fit {name}: linen's init with the "
-                        "given example arguments creates something else.\n"
-                        + "\n".join(problems)
-                        + hint
-                        + "\nPass the variables this module was trained with, or "
-                        "the example arguments it was initialised with (or no "
-                        "example arguments, to skip this check)."
-                    )
-            elif not set(trainable) & set(variables) and _looks_like_params(
-                variables
-            ):
-                raise AdapterError(
-                    f"The variables given for {name} hold no trainable collection "
-                    f"{trainable} but top-level entries {sorted(variables)}, "
-                    "which read as submodules: the `params` collection alone. Pass "
-                    "`variables={'params': params, ...}` with every collection, as "
-                    "linen's `module.init` returns them."
-                )
-
-        missing = [c for c in trainable if c not in variables and c != "params"]
-        if missing:
-            raise AdapterError(
-                _NOT_A_COLLECTION.format(
-                    names=missing,
-                    verb="is" if len(missing) == 1 else "are",
-                    name=name,
-                    collections=sorted(variables),
-                )
+            variables = _checked_variables(
+                variables,
+                init if args or kwargs else None,
+                key,
+                module,
+                trainable=trainable,
+                per_call=per_call,
             )
-        specs = {c: TreeSpec.of(t, f"`variables`/{c}") for c, t in variables.items()}
-        variables = {c: as_jax_arrays(t, specs[c], c) for c, t in variables.items()}
-        self.variables = {c: t for c, t in variables.items() if c in trainable}
-        state_trees = {c: t for c, t in variables.items() if c not in trainable}
-        self.state_indices = {c: eqx.nn.StateIndex(t) for c, t in state_trees.items()}
-        self._state_specs = tuple((c, specs[c]) for c in state_trees)
+
+        _check_trainable_collections(trainable, variables, module)
+        self.variables, self.state_indices, self._state_specs = (
+            _split_trainable_and_state(variables, trainable)
+        )
 
     def __hash__(self) -> int:
         raise AdapterTypeError(_JIT_WHOLE_MODEL)
@@ -427,16 +532,20 @@ class ToEquinox(_display.Displayed, eqx.Module):
         return self._module.value
 
     def _display_fields(self) -> list[tuple[str, Any]]:
-        """What `repr` shows: the linen module, each trainable collection (arrays),
-        each state collection (shapes and dtypes: the arrays are in the state)."""
-        fields: list[tuple[str, Any]] = [("linen_module", self.linen_module)]
-        fields += list(self.variables.items())
-        fields.append(
+        """What `repr` shows, under the attributes' names: the linen module, the
+        trainable collections (arrays), the state index of each state collection
+        (with its shapes and dtypes: the arrays are in the state)."""
+        fields: list[tuple[str, Any]] = [
+            ("linen_module", self.linen_module),
+            ("variables", self.variables),
             (
-                "state",
-                {c: _display.nested_shapes(s.leaves) for c, s in self._state_specs},
-            )
-        )
+                "state_indices",
+                {
+                    c: _display.StateIndex(_display.nested_shapes(s.leaves))
+                    for c, s in self._state_specs
+                },
+            ),
+        ]
         fields.append(("inference", self.inference))
         mapped = _modes.resolve(
             self.linen_module, None, self.train_kwarg, self.deterministic_kwarg
@@ -528,6 +637,8 @@ class ToEquinox(_display.Displayed, eqx.Module):
         return model, eqx.nn.State.tree_unflatten(markers, values)
 
     def _state_collections(self, state: eqx.nn.State) -> dict[str, PyTree]:
+        """The state's collections for this model, checked against the structure,
+        shapes and dtypes the model was built with."""
         out = {}
         for collection, spec in self._state_specs:
             try:
@@ -582,6 +693,27 @@ class ToEquinox(_display.Displayed, eqx.Module):
         that was not declared; if it writes to a collection the state does not
         hold, or changes a state collection's shape or dtype.
         """
+        inputs, state = self._inputs_and_state(args, kwargs)
+        capture = self._capture_names(capture)
+        modes = self._call_modes(method, key, kwargs)
+        held = self._state_collections(state)
+        out, updates = self._call_linen(
+            inputs, held, key, method, modes, capture, kwargs
+        )
+        changed = self._checked_updates(updates, held, inputs)
+        state = self._set_state(state, changed)
+        if capture:
+            captured = as_collections(
+                {c: updates.get(c, {}) for c in capture}, "capture"
+            )
+            return (out, captured), state
+        return out, state
+
+    def _inputs_and_state(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[list[Any], eqx.nn.State]:
+        """The linen call's inputs and the state, refusing the habits of linen's
+        `apply` and a misplaced state or key."""
         for i, arg in enumerate(args[:-1]):
             if isinstance(arg, eqx.nn.State):
                 raise AdapterError(_STATE_NOT_LAST.format(index=i))
@@ -612,7 +744,10 @@ class ToEquinox(_display.Displayed, eqx.Module):
             got = "missing" if not args else f"of type {type(args[-1]).__name__}"
             raise AdapterError(_NO_STATE.format(got=got))
         *inputs, state = args
-        module = self.linen_module
+        return inputs, state
+
+    def _capture_names(self, capture: str | Sequence[str]) -> tuple[str, ...]:
+        """`capture` as names of collections that this model does not hold."""
         if isinstance(capture, bool):
             raise AdapterTypeError(
                 f"`capture={capture}`: `capture` takes the names of the collections "
@@ -628,6 +763,17 @@ class ToEquinox(_display.Displayed, eqx.Module):
                     "for collections created during the call; state collections are "
                     "returned updated in the state."
                 )
+        return capture
+
+    def _call_modes(
+        self,
+        method: str | Callable[..., Any] | None,
+        key: PRNGKeyArray | None,
+        kwargs: dict[str, Any],
+    ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The mode keywords the called method takes (`train_kwarg`,
+        `deterministic_kwarg`), after checking `method`, `key` and the mode."""
+        module = self.linen_module
         _check_method(module, method, "method")
         if key is not None:
             check_key(key, "`ToEquinox.__call__`'s `key`")
@@ -646,13 +792,28 @@ class ToEquinox(_display.Displayed, eqx.Module):
             self.inference, jax.core.Tracer
         ):
             raise AdapterTypeError(_TRACED_INFERENCE)
-        held = self._state_collections(state)
+        return train_kwarg, deterministic_kwarg
+
+    def _call_linen(
+        self,
+        inputs: list[Any],
+        held: dict[str, PyTree],
+        key: PRNGKeyArray | None,
+        method: str | Callable[..., Any] | None,
+        modes: tuple[tuple[str, ...], tuple[str, ...]],
+        capture: tuple[str, ...],
+        kwargs: dict[str, Any],
+    ) -> tuple[Any, Mapping[str, PyTree]]:
+        """linen's `apply` with the model's variables and the state's collections
+        `held`, every state and `capture` collection mutable: `(out, updates)`.
+        linen's errors about keys, collections and params become `AdapterError`s
+        that say what to do."""
+        module = self.linen_module
         variables = {**self.variables, **held}
         kwargs = _modes.mode_kwargs(
             kwargs,
             self.inference,
-            train_kwarg,
-            deterministic_kwarg,
+            *modes,
             lambda name: _modes.accepts(module, method, name, tuple(inputs)),
         )
         rngs = None if key is None else linen_rngs(key, self.rng_streams)
@@ -717,11 +878,19 @@ class ToEquinox(_display.Displayed, eqx.Module):
             raise AdapterError(
                 _RAW_KEY_INPUT.format(type=type(err).__name__, err=err, index=raw[0])
             ) from err
-        out, updates = result if mutable else (result, {})
+        return result if mutable else (result, {})
 
+    def _checked_updates(
+        self,
+        updates: Mapping[str, PyTree],
+        held: dict[str, PyTree],
+        inputs: list[Any],
+    ) -> dict[str, PyTree]:
+        """The state collections the call changed, each checked against the state's
+        structure, shapes and dtypes."""
         # Every update is checked before any is stored, so that a refused call
         # leaves the caller's state as it was, and usable.
-        markers, values = [], []
+        changed = {}
         for collection, spec in self._state_specs:
             if collection not in updates:
                 continue
@@ -744,21 +913,23 @@ class ToEquinox(_display.Displayed, eqx.Module):
                         fix=_changed_fix(problems, collection, inputs, spec),
                     )
                 )
-            markers.append(self.state_indices[collection].marker)
             # As `eqx.nn.State.set` stores a value (Python scalars as arrays), but
             # keeping a change of weak type: linen's next call sees what a native
             # `apply` would give it.
-            values.append(jax.tree.map(jnp.asarray, new))
-        if markers:
-            state = state.update(
-                eqx.nn.State.tree_unflatten(tuple(markers), tuple(values))
-            )
-        if capture:
-            captured = as_collections(
-                {c: updates.get(c, {}) for c in capture}, "capture"
-            )
-            return (out, captured), state
-        return out, state
+            changed[collection] = jax.tree.map(jnp.asarray, new)
+        return changed
+
+    def _set_state(
+        self, state: eqx.nn.State, changed: dict[str, PyTree]
+    ) -> eqx.nn.State:
+        """`state` with the `changed` collections, stored at once; as
+        `eqx.nn.State.set`, this consumes `state`."""
+        if not changed:
+            return state
+        markers = tuple(self.state_indices[c].marker for c in changed)
+        return state.update(
+            eqx.nn.State.tree_unflatten(markers, tuple(changed.values()))
+        )
 
 
 def to_equinox(

@@ -226,7 +226,8 @@ class ToLinen(_display.Displayed, nn.Module):
                 )
             except (AdapterError, TypeError):  # e.g. a stateful model without state:
                 collections = {}  # init says so; a repr never raises
-            fields += collections.items()
+            if collections:  # the linen variables the model becomes, by collection
+                fields.append(("variables", collections))
         else:
             fields.append(("make", self.make))
         for name in ("vmap_axis", "axis_name", "partition"):

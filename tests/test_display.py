@@ -46,14 +46,18 @@ def test_to_equinox_repr_shows_module_and_every_collection(wrapped):
     assert squash("linen_module=" + eqx.tree_pformat(module)) in text
     assert "linen_module=Net(width=5)" in text
     # Trainable collections, as Equinox prints the native linen params...
-    assert squash("params=" + eqx.tree_pformat(native["params"])) in text
-    # ...every other collection with its shapes and dtypes (the arrays are in the
-    # state, so only their shapes are known to the model).
+    params = eqx.tree_pformat(native["params"])
+    assert squash(f"variables={{'params':{params}}}") in text
+    # ...every other collection's state index with its shapes and dtypes (the arrays
+    # are in the state, so only their shapes are known to the model).
     stats = eqx.tree_pformat(native["batch_stats"])
-    assert squash(f"state={{'batch_stats':{stats}}}") in text
+    assert squash(f"state_indices={{'batch_stats':StateIndex({stats})}}") in text
     assert "bf16[3,5]" in text  # dtypes are kept, bfloat16 included
     assert squash("train_kwarg='train'") in text
     assert "rng_streams=('dropout',)" in text
+    # Every name shown is an attribute, so what a user reads is what they type.
+    for name, _ in model._display_fields():
+        assert hasattr(model, name), name
 
 
 def test_repr_nested_in_an_equinox_model(wrapped):
@@ -84,7 +88,8 @@ def test_nnx_repr():
     rest = nnx.to_pure_dict(nnx.state(module, nnx.Not(nnx.Param)))
     assert text.startswith(squash("NNXToEquinox(nnx_module=Block(...)"))
     assert squash("variables=" + eqx.tree_pformat(params)) in text
-    assert squash("state=" + eqx.tree_pformat(rest)) in text
+    assert squash("state_index=StateIndex(" + eqx.tree_pformat(rest) + ")") in text
+    assert hasattr(model, "variables") and hasattr(model, "state_index")
 
 
 def test_to_linen_repr_shows_model_and_collections():
@@ -97,10 +102,8 @@ def test_to_linen_repr_shows_model_and_collections():
     module, variables = adapters.to_linen(model, state, vmap_axis=0, axis_name="batch")
     text = squash(repr(module))
     assert text.startswith(squash("ToLinen(model=" + eqx.tree_pformat(model)))
-    for collection in ("params", "batch_stats"):
-        assert (
-            squash(f"{collection}=" + eqx.tree_pformat(variables[collection])) in text
-        )
+    # The linen variables the model becomes, as `to_linen` returns them.
+    assert squash("variables=" + eqx.tree_pformat(variables)) in text
     assert squash("vmap_axis=0, axis_name='batch'") in text
     # Built from a factory, the model exists only at init: the repr shows the factory.
     factory = adapters.ToLinen(make=lambda key: eqx.nn.Linear(2, 2, key=key))
@@ -119,11 +122,18 @@ def test_treescope_renders_the_wrappers(wrapped):
     _, native, model, _ = wrapped
     text = treescope.render_to_text(model)
     assert text.startswith("ToEquinox(")
-    for name in ("linen_module=Net(", "params=", "'batch_stats':", "'mean': f32[5]"):
+    for name in (
+        "linen_module=Net(",
+        "variables={",
+        "'params':",
+        "state_indices={",
+        "'batch_stats': StateIndex(",
+        "'mean': f32[5]",
+    ):
         assert name in text, name
     # The trainable arrays are the real ones (treescope summarises their values).
     assert "bfloat16(3, 5)" in text
 
     module, _ = adapters.to_linen(eqx.nn.Linear(3, 2, key=jax.random.key(0)))
     text = treescope.render_to_text(module)
-    assert text.startswith("ToLinen(") and "params=" in text and "'weight':" in text
+    assert text.startswith("ToLinen(") and "variables={" in text and "'weight':" in text
