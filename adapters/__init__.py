@@ -1,6 +1,8 @@
 """Flax linen and Equinox models in one codebase, under one explicit state-passing
 convention."""
 
+from importlib import metadata as _metadata
+
 from . import testing as testing
 from ._errors import AdapterError as AdapterError
 from ._native import (
@@ -40,4 +42,8 @@ __all__ = [
     "to_native",
     "to_nnx",
 ]
-__version__ = "0.1.0"
+# One source of truth: the version in pyproject.toml, as installed.
+try:
+    __version__ = _metadata.version("flax-equinox-adapters")
+except _metadata.PackageNotFoundError:  # a source tree on sys.path, not installed
+    __version__ = "0+unknown"

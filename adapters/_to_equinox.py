@@ -2,7 +2,7 @@
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, overload
 
 import equinox as eqx
 import flax.errors
@@ -932,6 +932,29 @@ class ToEquinox(_display.Displayed, eqx.Module):
         )
 
 
+@overload
+def to_equinox(
+    module: nnx.Module, *, trainable: Any = None, inference: bool | None = None
+) -> tuple[NNXToEquinox, eqx.nn.State]: ...
+
+
+@overload
+def to_equinox(
+    module: nn.Module,
+    *args: Any,
+    key: PRNGKeyArray | None = None,
+    variables: PyTree | None = None,
+    trainable: Any = None,
+    rng_streams: str | Sequence[str] = ("dropout",),
+    train_kwarg: str | Sequence[str] | None = None,
+    deterministic_kwarg: str | Sequence[str] | None = None,
+    inference: bool | None = None,
+    init_method: str | Callable[..., Any] | None = None,
+    per_call: str | Sequence[str] = ("intermediates",),
+    **kwargs: Any,
+) -> tuple[ToEquinox, eqx.nn.State]: ...
+
+
 def to_equinox(
     module: nn.Module | nnx.Module,
     *args: Any,
@@ -945,7 +968,7 @@ def to_equinox(
     init_method: str | Callable[..., Any] | None = None,
     per_call: str | Sequence[str] = ("intermediates",),
     **kwargs: Any,
-) -> tuple[ToEquinox, eqx.nn.State]:
+) -> tuple[ToEquinox | NNXToEquinox, eqx.nn.State]:
     """Wraps a linen module (or an NNX module) as an Equinox model and returns
     `(model, state)`.
 
@@ -966,7 +989,8 @@ def to_equinox(
 
     **Returns:**
 
-    `(model, state)`: the [`adapters.ToEquinox`][] and its `eqx.nn.State`.
+    `(model, state)`: the [`adapters.ToEquinox`][] (for an NNX module, the
+    [`adapters.NNXToEquinox`][]) and its `eqx.nn.State`.
     """
     if isinstance(module, nnx.Module):
         linen_only = dict(

@@ -211,7 +211,9 @@ class EquinoxToNNX(nnx.Module):
                     "`rngs.params()`: pass `rngs=nnx.Rngs(params=0)` (or the "
                     "`rngs` of the enclosing NNX module)."
                 )
-            result = make(rngs.params())
+            # The factory's key, as NNX layers draw their initialisation keys.
+            stream = rngs if isinstance(rngs, nnx.RngStream) else rngs.params
+            result = make(stream())
         else:
             if not isinstance(model, eqx.Module):
                 raise AdapterTypeError(

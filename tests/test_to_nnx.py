@@ -1254,3 +1254,23 @@ def test_optimiser_masks_by_path(getkey):
         want = layer.weight - 0.1 * native_grads.layers[i].weight
         np.testing.assert_allclose(got["weight"].get_value(), want, rtol=1e-6)
         assert got["bias"].get_value() is layer.bias  # untouched, the same array
+
+
+def test_make_with_one_rng_stream(getkey):
+    """`rngs=` may be one `nnx.RngStream`: the factory's key is drawn from it, as
+    from `rngs.params()` for an `nnx.Rngs`, and the model is the factory's."""
+    seen = []
+
+    def make(key):
+        seen.append(key)
+        return eqx.nn.MLP(3, 2, 8, 1, key=key)
+
+    stream = nnx.Rngs(params=3).params
+    expected_key = nnx.Rngs(params=3).params()
+    module = adapters.EquinoxToNNX(make=make, rngs=stream, vmap_axis=0)
+    np.testing.assert_array_equal(
+        jax.random.key_data(seen[0]), jax.random.key_data(expected_key)
+    )
+    native = eqx.nn.MLP(3, 2, 8, 1, key=expected_key)
+    x = jr.normal(getkey(), (4, 3))
+    np.testing.assert_array_equal(module(x), jax.vmap(native)(x))
