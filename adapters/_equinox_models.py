@@ -444,22 +444,14 @@ def _axis_hint(name: str | None) -> dict[str, str]:
 class _Slot:
     """A placeholder for the model leaf (or the leaf of a state entry) that a linen
     variable fills: `Layout` builds the variables dict with these in place of the
-    arrays, so that its flattened order maps each variable to its place."""
+    arrays, so that its flattened order maps each variable to its place; `spec` is
+    the shape and dtype that variable must have."""
 
-    __slots__ = ("index", "part")
+    __slots__ = ("index", "part", "spec")
 
-    def __init__(self, index: int, part: int | None = None):
+    def __init__(self, leaf: Any, index: int, part: int | None = None):
         self.index, self.part = index, part
-
-
-def _spec(
-    slot: _Slot, flat: list[tuple[Any, Any]], state: eqx.nn.State | None
-) -> tuple[Any, Any]:
-    """The shape and dtype that the variable filling `slot` must have."""
-    leaf = flat[slot.index][1]
-    if slot.part is not None:
-        leaf = jtu.tree_leaves(state.get(leaf))[slot.part]  # pyright: ignore
-    return tuple(leaf.shape), leaf.dtype
+        self.spec = (tuple(leaf.shape), leaf.dtype)
 
 
 class Layout:
@@ -502,25 +494,24 @@ class Layout:
                 parts, value_treedef = jtu.tree_flatten(value)
                 self.states.append((i, leaf, value_treedef))
                 token = jtu.tree_unflatten(
-                    value_treedef, [_Slot(i, j) for j in range(len(parts))]
+                    value_treedef, [_Slot(x, i, j) for j, x in enumerate(parts)]
                 )
                 insert_at(tokens[state_collection], keys, token, where)
                 self.leaves.append(leaf)
             elif is_arraylike(leaf):
                 inexact = jnp.issubdtype(leaf.dtype, jnp.inexact)
                 collection = "params" if inexact else buffer_collection
-                insert_at(tokens[collection], keys, _Slot(i), where)
+                insert_at(tokens[collection], keys, _Slot(leaf, i), where)
                 self.leaves.append(None)
             else:
                 self.leaves.append(leaf)
         self.tokens = {c: t for c, t in tokens.items() if t}
-        # Per collection, the flattened order of its variables: which slot each
-        # variable fills, and the shape and dtype it must have.
-        self.order: dict[str, tuple[Any, list[_Slot], list[tuple[Any, Any]]]] = {}
+        # Per collection, the flattened order of its variables: the slot each
+        # variable fills (with the shape and dtype it must have).
+        self.order: dict[str, tuple[Any, list[_Slot]]] = {}
         for collection, tree in self.tokens.items():
             slots, treedef = jtu.tree_flatten(tree)
-            specs = [_spec(slot, flat, skeleton_state) for slot in slots]
-            self.order[collection] = (treedef, slots, specs)
+            self.order[collection] = (treedef, slots)
 
     def top_level(self) -> dict[str, tuple[str, ...]]:
         """The top-level names of each collection, as linen creates them."""
@@ -544,14 +535,14 @@ class Layout:
             return report()
         leaves = list(self.leaves)
         parts: dict[int, dict[int, Any]] = {}
-        for collection, (treedef, slots, specs) in self.order.items():
+        for collection, (treedef, slots) in self.order.items():
             given, given_treedef = jtu.tree_flatten(variables[collection])
             if given_treedef != treedef and unbox is not None:
                 given, given_treedef = jtu.tree_flatten(unbox(variables[collection]))
             if given_treedef != treedef:
                 return report()
-            for slot, spec, x in zip(slots, specs, given, strict=True):
-                if (tuple(jnp.shape(x)), getattr(x, "dtype", None)) != spec:
+            for slot, x in zip(slots, given, strict=True):
+                if (tuple(jnp.shape(x)), getattr(x, "dtype", None)) != slot.spec:
                     return report()
                 if slot.part is None:
                     leaves[slot.index] = x
