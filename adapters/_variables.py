@@ -316,6 +316,17 @@ def strong(tree: PyTree, scalars: bool = True) -> PyTree:
     return jtu.tree_map(one, tree)
 
 
+_OPENED_BOX = """\
+  {where}: a dict {{'value': {leaf}}} where the model has a partitioning box
+    (such as `nn.Partitioned`) holding {leaf}. A box saved and restored without a
+    target comes back as such a dict (orbax, `flax.serialization`): restore with a
+    target that has the boxes, e.g. orbax's `checkpointer.restore(path, abstract)`
+    with `abstract = jax.eval_shape(lambda: model.linen_variables(state))` for a
+    `ToEquinox`, or `jax.eval_shape(module.init, key, x)` for a linen module (with
+    shardings from `adapters.named_shardings` for a mesh).\
+"""
+
+
 def spec_problems(
     expected: TreeSpec,
     got: TreeSpec,
@@ -327,14 +338,18 @@ def spec_problems(
     want = dict(expected.leaves)
     have = dict(got.leaves)
     problems = []
+    opened = set()  # boxes given back as `{"value": array}` dicts
     for path, leaf in want.items():
         where = f"{collection}/{show_path(path)}"
-        if path not in have:
+        if path not in have and have.get((*path, "value")) == leaf:
+            opened.add((*path, "value"))
+            problems.append(_OPENED_BOX.format(where=where, leaf=leaf))
+        elif path not in have:
             problems.append(f"  {where}: missing (expected {leaf})")
         elif have[path] != leaf:
             problems.append(f"  {where}: expected {leaf}, got {have[path]}")
     for path, leaf in have.items():
-        if path not in want:
+        if path not in want and path not in opened:
             problems.append(f"  {collection}/{show_path(path)}: {extra} ({leaf})")
     if not problems and expected.treedef != got.treedef:
         problems.append(

@@ -35,6 +35,7 @@ cluster's coordinator address instead (see docs/sharding.md).
 
 import argparse
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
@@ -194,8 +195,6 @@ def say(*parts):
 
 def build_mesh(shape):
     devices = np.array(jax.devices())
-    if devices.size != shape[0] * shape[1]:
-        raise SystemExit(f"a {shape[0]}x{shape[1]} mesh needs {devices.size} devices")
     # jax.devices() lists each process's devices together, so each row of "data"
     # lies within one process (when there are as many rows as processes): a
     # process's rows of the batch are the rows its devices hold.
@@ -454,9 +453,11 @@ def run_process(args) -> int:
             coordinator_bind_address=args.coordinator,
             num_processes=args.processes,
             process_id=args.process_id,
-            initialization_timeout=args.timeout,
+            # The launcher's deadline comes first; this one bounds a process
+            # left alone.
+            initialization_timeout=args.timeout + 30,
         )
-    mesh = build_mesh(args.mesh or default_mesh(args.processes * args.devices))
+    mesh = build_mesh(args.mesh)
     if args.restore:
         worst = restore(mesh, pathlib.Path(args.restore).absolute())
     else:
@@ -482,43 +483,49 @@ def free_port():
 
 
 def launch(args, argv) -> int:
-    """Starts `args.processes` processes of this script, prints their output in
-    order, and ends them all when one fails or the time is up."""
+    """Starts `args.processes` processes of this script, ends them all as soon as
+    one fails or the time is up, and prints their output in order."""
     coordinator = f"127.0.0.1:{free_port()}"
-    children, outputs = [], []
-    for i in range(args.processes):
-        command = [sys.executable, __file__, *argv, "--process-id", str(i)]
-        command += ["--coordinator", coordinator]
-        child = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        lines = []
-        threading.Thread(
-            target=lambda c=child, o=lines: o.extend(c.stdout), daemon=True
-        ).start()
-        children.append(child)
-        outputs.append(lines)
+    children, readers, outputs = [], [], []
+    # A SIGTERM (a test's or a job scheduler's timeout) ends the children too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     deadline = time.monotonic() + args.timeout
     try:
+        for i in range(args.processes):
+            command = [sys.executable, __file__, *argv, "--process-id", str(i)]
+            child = subprocess.Popen(
+                [*command, "--coordinator", coordinator],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            lines: list[str] = []
+            reader = threading.Thread(target=lines.extend, args=(child.stdout,))
+            reader.start()
+            children.append(child)
+            readers.append(reader)
+            outputs.append(lines)
         while any(c.poll() is None for c in children):
-            failed = any(c.poll() not in (None, 0) for c in children)
-            if failed or time.monotonic() > deadline:
-                break
+            if any(c.poll() for c in children) or time.monotonic() > deadline:
+                break  # one failed (the others may wait for it forever), or late
             time.sleep(0.1)
     finally:
         for child in children:
             if child.poll() is None:
                 child.kill()
-        for child in children:
+        for child, reader in zip(children, readers):
             child.wait()
+            reader.join()
+    timed_out = time.monotonic() > deadline
     codes = [c.returncode for c in children]
     for i, lines in enumerate(outputs):
         print(f"--- process {i} (exit code {codes[i]}) ---")
-        print("".join(lines), end="")
-    if time.monotonic() > deadline:
+        print("".join(line for line in lines if not line.startswith("[Gloo]")), end="")
+    if timed_out:
         print(f"timed out after {args.timeout} s: every process was ended")
         return 124
-    return max(codes, key=abs)
+    failed = [code for code in codes if code > 0]  # the others were ended
+    return failed[0] if failed else max(codes, key=abs)
 
 
 def parse(argv):
@@ -547,6 +554,15 @@ def parse(argv):
     args = parser.parse_args(argv)
     if args.devices is None:
         args.devices = 4 if args.processes > 1 else 1
+    if args.restore and not (pathlib.Path(args.restore) / "checkpoint").is_dir():
+        parser.error(f"no checkpoint in {args.restore} (save one with --checkpoint)")
+    mesh = args.mesh or default_mesh(args.processes * args.devices)
+    if mesh[0] * mesh[1] != args.processes * args.devices:
+        parser.error(
+            f"a {mesh[0]}x{mesh[1]} mesh needs {mesh[0] * mesh[1]} devices, not "
+            f"{args.processes} process(es) x {args.devices}"
+        )
+    args.mesh = mesh
     return args
 
 

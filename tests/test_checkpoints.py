@@ -601,6 +601,83 @@ def test_wrong_shape_to_linen_checkpoint_names_the_path(fmt, getkey):
         linen_block.equinox_model(raw)
 
 
+class Partitioned(nn.Module):
+    """Net with its first kernel in an `nn.Partitioned` box (sharding metadata)."""
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        init = nn.with_partitioning(nn.initializers.lecun_normal(), (None, "model"))
+        x = nn.Dense(16, use_bias=False, kernel_init=init)(x)
+        x = nn.BatchNorm(use_running_average=not train)(x)
+        return nn.Dense(1)(x)
+
+
+_OPENED = (
+    "params/Dense_0/kernel: a dict {'value': float32[4,16]} where the model has "
+    "a partitioning box"
+)
+
+
+def test_box_restored_without_a_target_is_named_and_the_target_restores(fmt, getkey):
+    """Restored without a target, a box comes back as a dict `{"value": array}` in
+    every format: the adapters name that entry and how to restore; the target the
+    message suggests restores the boxes, bit for bit."""
+    x, y = _data()
+    model, state = adapters.to_equinox(
+        Partitioned(), x, key=getkey(), train_kwarg="train"
+    )
+    model, state = _train_equinox(model, state, x, y)
+    saved = model.linen_variables(state)
+    fmt.save("boxed", saved)
+
+    raw = fmt.restore("boxed")
+    assert set(raw["params"]["Dense_0"]["kernel"]) == {"value"}
+    with pytest.raises(adapters.AdapterError, match=re.escape(_OPENED)) as err:
+        model.with_linen_variables(raw)
+    assert "unexpected entry" not in str(err.value)  # one line for the entry
+    with pytest.raises(adapters.AdapterError, match=re.escape(_OPENED)):
+        adapters.to_equinox(Partitioned(), x, variables=raw, train_kwarg="train")
+    # The failed calls left the model and its state as they were.
+    assert_bit_exact(model.linen_variables(state), saved)
+
+    abstract = jax.eval_shape(lambda: model.linen_variables(state))
+    restored = _loadable(fmt, fmt.restore("boxed", abstract))
+    assert isinstance(restored["params"]["Dense_0"]["kernel"], nn.Partitioned)
+    resumed, resumed_state = model.with_linen_variables(restored)
+    assert_bit_exact(
+        jax.tree.map(np.asarray, resumed.linen_variables(resumed_state)),
+        jax.tree.map(np.asarray, saved),
+    )
+    # Native linen on the saved variables computes what the resumed model does.
+    native = Partitioned().apply(saved, x, train=False)
+    resumed_out, _ = eqx.nn.inference_mode(resumed)(x, resumed_state)
+    chex.assert_trees_all_equal(resumed_out, native)
+
+
+def test_box_restored_without_a_target_to_linen(fmt, getkey):
+    """The same for `ToLinen.equinox_model`, whose `partition=` boxes arrays."""
+    partition = lambda path, shape: ("model", None) if len(shape) == 2 else None  # noqa: E731
+    block, block_state = make_block(getkey())
+    linen_block, variables = adapters.to_linen(
+        block, block_state, vmap_axis=0, axis_name="batch", partition=partition
+    )
+    fmt.save("boxed", variables)
+    opened = (
+        "params/linear/weight: a dict {'value': float32[8,4]} where the model has "
+        "a partitioning box"
+    )
+    if not isinstance(fmt, Msgpack):  # msgpack also opens the state's tuple
+        with pytest.raises(adapters.AdapterError, match=re.escape(opened)):
+            linen_block.equinox_model(fmt.restore("boxed"))
+    abstract = jax.eval_shape(lambda: variables)
+    restored = _loadable(fmt, fmt.restore("boxed", abstract))
+    got_block, got_state = linen_block.equinox_model(restored)
+    assert_bit_exact(
+        jax.tree.map(np.asarray, eqx.filter((got_block, got_state), eqx.is_array)),
+        jax.tree.map(np.asarray, eqx.filter((block, block_state), eqx.is_array)),
+    )
+
+
 # ---------------------------------------------------------------------------
 # Rough edges found on the way, pinned down.
 
