@@ -6,6 +6,11 @@ Conventions a page may use (HTML comments, not rendered by mkdocs):
 
 - `<!-- docs-test: devices=8 -->` anywhere in a page: the page runs in a fresh
   process with that many CPU devices (JAX fixes the device count at start-up).
+- `<!-- docs-test: processes=2 devices=4 -->` on a line of its own: the blocks
+  after it are a program of their own, run in that many fresh processes with that
+  many CPU devices each, which may form one JAX cluster: each gets
+  `COORDINATOR_ADDRESS` (a free port on 127.0.0.1), `NUM_PROCESSES` and
+  `PROCESS_ID` in its environment, and all share one working directory.
 - `<!-- docs-test: raises ExceptionName -->` right before a python block: the block
   must raise that exception (a name from `adapters`, or a builtin); when the next
   fenced block is a ```text block, it is the message, where `...` stands for any
@@ -25,6 +30,7 @@ import sys
 from dataclasses import dataclass
 
 import pytest
+from _processes import free_port, run_together
 
 import adapters
 
@@ -66,6 +72,23 @@ def devices(page: str) -> int | None:
     return int(m[1]) if m else None
 
 
+@dataclass
+class Cluster:
+    processes: int
+    devices: int
+    line: int  # the marker's: the blocks below it form the cluster's program
+
+
+def cluster(page: str) -> Cluster | None:
+    text = (DOCS / page).read_text()
+    m = re.search(
+        r"^<!--\s*docs-test:\s*processes=(\d+)\s+devices=(\d+)\s*-->$", text, re.M
+    )
+    if not m:
+        return None
+    return Cluster(int(m[1]), int(m[2]), text.count("\n", 0, m.start()) + 1)
+
+
 def _exception(name: str) -> type[BaseException]:
     found = getattr(adapters, name, None) or getattr(builtins, name, None)
     assert isinstance(found, type) and issubclass(found, BaseException), name
@@ -84,10 +107,11 @@ def _message_matches(pattern: str, message: str) -> bool:
     return re.match(r".*?".join(pieces), norm(message), flags=re.S) is not None
 
 
-def run_page(page: str) -> int:
-    """Runs the page's python blocks in order in one namespace; returns how many
-    ran. Failures raise with the page and the block's line."""
-    found = blocks(page)
+def run_page(page: str, first: int = 0, last: float = float("inf")) -> int:
+    """Runs the page's python blocks (those between lines `first` and `last`) in
+    order in one namespace; returns how many ran. Failures raise with the page and
+    the block's line."""
+    found = [b for b in blocks(page) if first <= b.line <= last]
     namespace: dict = {"__name__": f"docs_{page}"}
     ran = 0
     for i, block in enumerate(found):
@@ -114,26 +138,57 @@ def run_page(page: str) -> int:
     return ran
 
 
+_RUN_PAGE = (
+    "import sys; sys.path.insert(0, sys.argv[1]); import test_docs; "
+    "a = sys.argv; print('ran', test_docs.run_page(a[2], int(a[3]), float(a[4])))"
+)
+
+
+def _page_command(page, first=0, last=float("inf")):
+    here = str(pathlib.Path(__file__).parent)
+    return [sys.executable, "-c", _RUN_PAGE, here, page, str(first), str(last)]
+
+
 @pytest.mark.parametrize("page", PAGES)
 def test_page_runs(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing a page writes lands in the repository
-    n = devices(page)
-    if n is None:
+    n, split = devices(page), cluster(page)
+    if n is None and split is None:
         run_page(page)
         return
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
-    script = (
-        "import sys; sys.path.insert(0, sys.argv[1]); import test_docs; "
-        "print('ran', test_docs.run_page(sys.argv[2]))"
+    last = split.line if split else float("inf")
+    if n is not None:
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+        result = subprocess.run(
+            _page_command(page, 0, last),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+    else:
+        run_page(page, 0, last)
+    if split is not None:
+        _run_cluster(page, split, tmp_path)
+
+
+def _run_cluster(page, split, tmp_path):
+    """The blocks below the marker, as one program in `split.processes` fresh
+    processes (see the module's docstring)."""
+    flags = f"--xla_force_host_platform_device_count={split.devices}"
+    base = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+    base.update(
+        COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}",
+        NUM_PROCESSES=str(split.processes),
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script, str(pathlib.Path(__file__).parent), page],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    envs = [dict(base, PROCESS_ID=str(i)) for i in range(split.processes)]
+    command = _page_command(page, split.line)
+    finished = run_together([command] * split.processes, envs, 300, cwd=tmp_path)
+    assert not finished.timed_out, f"past 300 s:\n{finished.report()}"
+    assert finished.codes == [0] * split.processes, finished.report()
+    ran = [re.search(r"^ran (\d+)$", out, re.M) for out in finished.outputs]
+    assert all(m and int(m[1]) > 0 for m in ran), finished.report()
 
 
 def test_code_blocks_fit_the_page():

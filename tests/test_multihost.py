@@ -15,11 +15,11 @@ import fcntl
 import os
 import pathlib
 import re
-import signal
 import subprocess
 import sys
 
 import pytest
+from _processes import run_together
 
 
 EXAMPLE = pathlib.Path(__file__).parent.parent / "examples" / "multihost_training.py"
@@ -46,28 +46,15 @@ pytestmark = pytest.mark.skipif(
 
 def run(*args, timeout=TIMEOUT):
     """Runs the example; returns (exit code, output). The example and every process
-    it starts share a new session, which is killed whole if the time runs out."""
+    it starts share a new session, killed whole when the run ends or its time is
+    up."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
     command = [sys.executable, str(EXAMPLE), *args, "--timeout", str(timeout - 30)]
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"{' '.join(args)} ran past {timeout} s:\n{output}")
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)  # nothing of it outlives the test
-    return process.returncode, output
+    finished = run_together([command], [env], timeout)
+    if finished.timed_out:
+        pytest.fail(f"{' '.join(args)} ran past {timeout} s:\n{finished.report()}")
+    return finished.codes[0], finished.outputs[0]
 
 
 def values(pattern, output):

@@ -1,0 +1,69 @@
+"""Child processes for the tests that need fresh ones, bounded in time: each starts
+in a session of its own, and every session is killed whole (the child and whatever
+it started) when the run ends, when one child fails (the others may wait for it
+forever in a collective), or when the time is up."""
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+
+
+@dataclass
+class Finished:
+    codes: list[int | None]  # None: still running when the time was up
+    outputs: list[str]  # stdout and stderr together, one a child
+    timed_out: bool
+
+    def report(self) -> str:
+        return "\n".join(
+            f"--- child {i} (exit code {code}) ---\n{out}"
+            for i, (code, out) in enumerate(zip(self.codes, self.outputs))
+        )
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_together(commands, envs, timeout, cwd=None) -> Finished:
+    children, files = [], []
+    deadline = time.monotonic() + timeout
+    try:
+        for command, env in zip(commands, envs):
+            out = tempfile.TemporaryFile(mode="w+")
+            files.append(out)
+            children.append(
+                subprocess.Popen(
+                    command,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd=cwd,
+                    start_new_session=True,
+                )
+            )
+        while any(c.poll() is None for c in children):
+            if any(c.poll() for c in children) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        codes = [c.poll() for c in children]
+    finally:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+    outputs = []
+    for out in files:
+        out.seek(0)
+        outputs.append(out.read())
+        out.close()
+    failed = any(code for code in codes if code is not None)
+    return Finished(codes, outputs, None in codes and not failed)
