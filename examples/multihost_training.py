@@ -254,11 +254,10 @@ def wrapped_variables(key):
 def train(mesh, steps):
     """Trains both models on the mesh and on one local device; returns the trained
     sharded models and the largest difference between the two trainings."""
-    wrapped = eqx.filter_eval_shape(
-        make_wrapped, jax.random.key(SEED_WRAPPED)
-    )  # shapes only
-    static = eqx.filter(wrapped[0], lambda a: not isinstance(a, jax.ShapeDtypeStruct))
-    shardings = lambda target: jax.tree.map(lambda a: a.sharding, target)  # noqa: E731
+    is_shape = lambda a: isinstance(a, jax.ShapeDtypeStruct)  # noqa: E731
+    key_wrapped, key_linen = jax.random.key(SEED_WRAPPED), jax.random.key(SEED_LINEN)
+    wrapped = eqx.filter_eval_shape(make_wrapped, key_wrapped)  # shapes only
+    static = eqx.filter(wrapped[0], lambda a: not is_shape(a))
     x, y = dataset()
     batch = NamedSharding(mesh, P("data"))
     xs, ys = local_batch(batch, x), local_batch(batch, y)
@@ -267,9 +266,8 @@ def train(mesh, steps):
 
     # (a) The wrapped linen model, initialised directly sharded.
     init = lambda key: eqx.filter(make_wrapped(key), eqx.is_array)  # noqa: E731
-    arrays, state = jax.jit(
-        init, out_shardings=shardings(with_shardings(wrapped, mesh))
-    )(jax.random.key(SEED_WRAPPED))
+    wrapped_shardings = adapters.named_shardings(eqx.filter(wrapped, is_shape), mesh)
+    arrays, state = jax.jit(init, out_shardings=wrapped_shardings)(key_wrapped)
     opt_state = sharded_init(optim.init, arrays, mesh)
     carry_shardings = jax.tree.map(lambda a: a.sharding, (arrays, state, opt_state))
     step = wrapped_step(static)
@@ -279,12 +277,12 @@ def train(mesh, steps):
         out_shardings=(*carry_shardings, replicated),
     )
     carry = (arrays, state, opt_state)
-    with jax.default_device(one_device):
-        single = jax.device_put(jax.jit(init)(jax.random.key(SEED_WRAPPED)), one_device)
-        single = (*single, optim.init(single[0]))
+    single = jax.device_put(jax.jit(init)(key_wrapped), one_device)
+    single = (*single, jax.jit(optim.init)(single[0]))
+    single_step = jax.jit(step)
     for _ in range(steps):
         *carry, loss = sharded_step(*carry, xs, ys)
-        *single, single_loss = jax.jit(step)(*single, x, y)
+        *single, _ = single_step(*single, x, y)
     wrapped_diff = max_diff(on_host(carry[:2]), single[:2])
     say(
         f"to_equinox: loss {float(loss):.5f} after {steps} steps; max |mesh - one "
@@ -292,10 +290,10 @@ def train(mesh, steps):
     )
 
     # (b) The linen model holding the Equinox block, initialised directly sharded.
-    linen = jax.eval_shape(make_linen, jax.random.key(SEED_LINEN))
-    variables = jax.jit(
-        make_linen, out_shardings=shardings(with_shardings(linen, mesh))
-    )(jax.random.key(SEED_LINEN))
+    linen_shardings = adapters.named_shardings(
+        jax.eval_shape(make_linen, key_linen), mesh
+    )
+    variables = jax.jit(make_linen, out_shardings=linen_shardings)(key_linen)
     params, batch_stats = variables["params"], variables["batch_stats"]
     opt_state = sharded_init(optim.init, params, mesh)
     flax_shardings = jax.tree.map(
@@ -307,16 +305,15 @@ def train(mesh, steps):
         out_shardings=(*flax_shardings, replicated),
     )
     flax_carry = (params, batch_stats, opt_state)
-    with jax.default_device(one_device):
-        one = jax.device_put(
-            jax.jit(make_linen)(jax.random.key(SEED_LINEN)), one_device
-        )
-        flax_single = (one["params"], one["batch_stats"], optim.init(one["params"]))
-    with jax.set_mesh(mesh):
+    one = jax.device_put(jax.jit(make_linen)(key_linen), one_device)
+    flax_single = (one["params"], one["batch_stats"])
+    flax_single = (*flax_single, jax.jit(optim.init)(one["params"]))
+    single_linen_step = jax.jit(linen_step)
+    with jax.set_mesh(mesh):  # ToLinen unboxes with a sharding constraint
         for _ in range(steps):
             *flax_carry, flax_loss = sharded_linen_step(*flax_carry, xs, ys)
     for _ in range(steps):
-        *flax_single, _ = jax.jit(linen_step)(*flax_single, x, y)
+        *flax_single, _ = single_linen_step(*flax_single, x, y)
     linen_diff = max_diff(on_host(flax_carry[:2]), flax_single[:2])
     say(
         f"ToLinen block: loss {float(flax_loss):.5f} after {steps} steps; max |mesh - "
