@@ -1,5 +1,6 @@
 """An Equinox model inside linen: `ToLinen` and `to_linen`."""
 
+import functools
 import weakref
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -47,6 +48,28 @@ with `jax.jit`.\
 # The layout of each `ToLinen(model=...)`'s model, by the model's id, while the
 # model lives: `(collection names, the state's leaves, Layout)`.
 _LAYOUTS: dict[int, tuple[tuple[str, str], tuple[Any, ...], Layout]] = {}
+
+# The factories known to make models that leak when built from shapes, by
+# `_factory_key`: their models are built for real at once. Finding a leak costs
+# more than the build (JAX's leak check looks for every leaked tracer's referrers
+# on the heap: 2 s a trace for one closure, 20 s for ten), so it is found once a
+# factory, not at every trace. Only a cost rides on this: building for real is
+# right for any factory.
+_LEAKING_FACTORIES: set[Hashable] = set()
+
+
+def _factory_key(make: Callable) -> Hashable | None:
+    """What stays the same across re-creations of a factory: a function's code (a
+    lambda written in an `@nn.compact` method is a new object at every call, with
+    the same code), else the callable itself (a class); None if unhashable."""
+    while isinstance(make, functools.partial):
+        make = make.func
+    key = getattr(make, "__code__", make)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 class ToLinen(_display.Displayed, nn.Module):
@@ -171,11 +194,15 @@ class ToLinen(_display.Displayed, nn.Module):
         if initializing:
             return make(self.make_rng("params"))
         key = jax.random.key(0)
-        try:
-            with jax.checking_leaks():  # a context of this thread only
-                return eqx.filter_eval_shape(make, key)
-        except Exception:  # "Leaked trace ...", or the factory's own error,
-            eqx.filter_eval_shape(make, key)  # which this raises again
+        factory = _factory_key(self.make)
+        if factory is None or factory not in _LEAKING_FACTORIES:
+            try:
+                with jax.checking_leaks():  # a context of this thread only
+                    return eqx.filter_eval_shape(make, key)
+            except Exception:  # "Leaked trace ...", or the factory's own error,
+                eqx.filter_eval_shape(make, key)  # which this raises again
+            if factory is not None:
+                _LEAKING_FACTORIES.add(factory)
         try:
             return make(key)
         except Exception as err:

@@ -465,6 +465,43 @@ def test_factory_whose_model_closes_over_an_array(getkey):
     assert model.linear.weight is inner["params"]["linear"]["weight"]  # no copy
 
 
+def test_a_leaking_factory_is_found_once(getkey):
+    """Finding that a factory's model leaks when built from shapes is costly (JAX's
+    leak check searches the heap for each leaked tracer's referrers), so it happens
+    once a factory: later traces, with the factory re-created as a lambda of the
+    same code, build the model for real at once. Counted in factory calls: the
+    first trace builds three times (from shapes with the leak check, from shapes
+    again, for real), every later one once; the results stay native's."""
+    calls = []
+
+    def make_net():
+        class Net(nn.Module):
+            @nn.compact
+            def __call__(self, x):
+                def make(key):  # a new function at every call, the same code
+                    calls.append(key)
+                    return Shift(key)
+
+                return adapters.ToLinen(make=make, vmap_axis=0)(x)
+
+        return Net()
+
+    x = jr.normal(getkey(), (4, 3))
+    variables = make_net().init(getkey(), x)
+    inner = {"params": variables["params"]["ToLinen_0"]}
+    want = _native_shift(inner, x)
+    del calls[:]
+    chex.assert_trees_all_close(make_net().apply(variables, x), want, rtol=1e-6)
+    first = len(calls)
+    del calls[:]
+    chex.assert_trees_all_close(make_net().apply(variables, x), want, rtol=1e-6)
+    assert (first, len(calls)) in [(3, 1), (1, 1)]  # (1, 1): found by an earlier test
+    del calls[:]
+    jitted = jax.jit(make_net().apply)(variables, x)
+    chex.assert_trees_all_close(jitted, want, rtol=1e-6)
+    assert len(calls) == 1
+
+
 def test_factory_of_a_flowjax_flow(getkey):
     """A real library's model of that kind: a flowjax coupling flow (its
     couplings close over their initial parameters), its log density in linen."""
