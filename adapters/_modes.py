@@ -38,6 +38,21 @@ def _signature(module: nn.Module, method: Any) -> inspect.Signature | None:
         return None
 
 
+def takes_key_at(module: nn.Module, method: Any, args: tuple, index: int) -> bool:
+    """Whether positional argument `index` of the linen method is a key of the
+    module's own (a parameter named like one: `key`, `rng`, `prng_key`, ...), as
+    some modules take the key they sample with as an input."""
+    signature = _signature(module, method)
+    if signature is None:
+        return False
+    try:
+        bound = signature.bind_partial(module, *args[: index + 1]).arguments
+    except TypeError:
+        return False
+    name = list(bound)[-1] if bound else ""
+    return "key" in name.lower() or "rng" in name.lower()
+
+
 def accepts(module: nn.Module, method: Any, name: str, args: tuple = ()) -> bool:
     """Whether the linen method takes keyword `name`, not already given among the
     positional `args`. Unknown signatures are given the keyword."""

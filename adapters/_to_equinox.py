@@ -127,6 +127,17 @@ def _check_method(module: nn.Module, method: Any, what: str) -> None:
     )
 
 
+def _concrete_true(flag: Any) -> bool:
+    """Whether `flag` is a known True: a traced flag (an ensemble's, under
+    `jax.vmap`) is not."""
+    if isinstance(flag, jax.core.Tracer):
+        return False
+    try:
+        return bool(flag)
+    except (TypeError, ValueError):
+        return False
+
+
 def _quoted(err: Exception, before: str) -> str:
     """The name flax quotes after `before` in its error message."""
     match = re.search(before + r' "([^"]+)"', str(err))
@@ -693,7 +704,7 @@ class ToEquinox(_display.Displayed, eqx.Module):
         that was not declared; if it writes to a collection the state does not
         hold, or changes a state collection's shape or dtype.
         """
-        inputs, state = self._inputs_and_state(args, kwargs)
+        inputs, state = self._inputs_and_state(args, kwargs, method)
         capture = self._capture_names(capture)
         modes = self._call_modes(method, key, kwargs)
         held = self._state_collections(state)
@@ -710,15 +721,21 @@ class ToEquinox(_display.Displayed, eqx.Module):
         return out, state
 
     def _inputs_and_state(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        method: str | Callable[..., Any] | None,
     ) -> tuple[list[Any], eqx.nn.State]:
         """The linen call's inputs and the state, refusing the habits of linen's
-        `apply` and a misplaced state or key."""
+        `apply` and a misplaced state or key (a key is an input where the linen
+        method takes one of its own there)."""
         for i, arg in enumerate(args[:-1]):
             if isinstance(arg, eqx.nn.State):
                 raise AdapterError(_STATE_NOT_LAST.format(index=i))
-            if isinstance(arg, jax.Array) and jax.dtypes.issubdtype(
-                arg.dtype, jax.dtypes.prng_key
+            if (
+                isinstance(arg, jax.Array)
+                and jax.dtypes.issubdtype(arg.dtype, jax.dtypes.prng_key)
+                and not _modes.takes_key_at(self.linen_module, method, args[:-1], i)
             ):
                 raise AdapterError(
                     f"`ToEquinox.__call__` got a PRNG key as positional argument {i}. "
@@ -817,11 +834,32 @@ class ToEquinox(_display.Displayed, eqx.Module):
             lambda name: _modes.accepts(module, method, name, tuple(inputs)),
         )
         rngs = None if key is None else linen_rngs(key, self.rng_streams)
-        mutable = [*held, *capture] or False
+        mutable = [*held, *capture]
+        if _concrete_true(self.inference):
+            # In inference, as linen's `apply(variables, x)`, the state starts
+            # read-only, and a collection the module writes (a decode cache)
+            # becomes mutable, as `apply(..., mutable=["cache"])` makes it. A
+            # module that takes its mode from `is_mutable_collection` (a
+            # BatchNorm with `use_running_average=not
+            # self.is_mutable_collection("batch_stats")`) thus runs in inference.
+            mutable = [*capture]
         try:
-            result = module.apply(
-                variables, *inputs, rngs=rngs, method=method, mutable=mutable, **kwargs
-            )
+            while True:
+                try:
+                    result = module.apply(
+                        variables,
+                        *inputs,
+                        rngs=rngs,
+                        method=method,
+                        mutable=mutable or False,
+                        **kwargs,
+                    )
+                    break
+                except flax.errors.ModifyScopeVariableError as err:
+                    written = _quoted(err, "collection")
+                    if written not in held or written in mutable:
+                        raise
+                    mutable.append(written)
         except flax.errors.InvalidRngError as err:
             stream, streams = _quoted(err, "PRNG for"), self.rng_streams
             suggested = (*streams, stream)

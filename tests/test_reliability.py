@@ -631,3 +631,76 @@ def test_float64_input_into_float32_state_says_cast_the_input(getkey):
         ):
             model(x.astype(jnp.float64), state)
         out, _ = model(x, state)
+
+
+class MutabilityMode(nn.Module):
+    """Takes its mode from whether `batch_stats` is mutable (as jax-resnet's
+    BatchNorm does), and keeps a decode-style counter in `cache`, written on every
+    call."""
+
+    @nn.compact
+    def __call__(self, x):
+        count = self.variable("cache", "count", lambda: jnp.zeros((), jnp.int32))
+        count.value = count.value + 1
+        training = self.is_mutable_collection("batch_stats")
+        return nn.BatchNorm(use_running_average=not training)(x) * count.value
+
+
+def test_inference_runs_a_mode_taken_from_mutability_as_linen_does(getkey):
+    """In inference the state starts read-only, as in linen's `apply(variables, x)`,
+    and only a collection the module writes becomes mutable: such a module runs in
+    inference (running averages, untouched) while its cache still advances; in
+    training every state collection is mutable, as `mutable=[...]` makes it."""
+    x = jax.random.normal(getkey(), (8, 4)) * 3 + 1
+    module = MutabilityMode()
+    variables = module.init(getkey(), x)
+    model, state = adapters.to_equinox(module, x, variables=variables)
+    leaves, treedef = jax.tree.flatten(state)
+    fresh = lambda: jax.tree.unflatten(treedef, leaves)  # noqa: E731  (a clone)
+
+    out, new_state = eqx.nn.inference_mode(model)(x, fresh())
+    want, updates = module.apply(variables, x, mutable=["cache"])
+    chex.assert_trees_all_equal(out, want)
+    got = model.linen_variables(new_state)
+    chex.assert_trees_all_equal(got["batch_stats"], variables["batch_stats"])
+    chex.assert_trees_all_equal(got["cache"], updates["cache"])  # advanced
+
+    out, new_state = model(x, fresh())
+    want, updates = module.apply(variables, x, mutable=["batch_stats", "cache"])
+    chex.assert_trees_all_equal(out, want)
+    got = model.linen_variables(new_state)
+    chex.assert_trees_all_equal(got["batch_stats"], updates["batch_stats"])
+    assert not np.allclose(got["batch_stats"]["BatchNorm_0"]["mean"], 0.0)
+
+    # The same under jit.
+    jitted, _ = eqx.filter_jit(lambda m, s: eqx.nn.inference_mode(m)(x, s))(
+        model, fresh()
+    )
+    chex.assert_trees_all_equal(
+        jitted, module.apply(variables, x, mutable=["cache"])[0]
+    )
+
+
+class Sampler(nn.Module):
+    """Takes the key it samples with as an input (as evosax's networks do)."""
+
+    @nn.compact
+    def __call__(self, x, key):
+        return jax.random.categorical(key, nn.Dense(3)(x))
+
+
+def test_a_key_the_module_takes_as_an_input_is_passed_positionally(getkey):
+    """A typed key in the position of a parameter named like a key (`key`, `rng`)
+    is the module's input, as natively; elsewhere a positional key is still refused
+    with the keyword-only advice."""
+    x, k = jnp.ones((16, 4)), getkey()
+    model, state = adapters.to_equinox(Sampler(), x, k, key=getkey())
+    variables = model.linen_variables(state)
+    out, _ = model(x, k, state)
+    chex.assert_trees_all_equal(out, Sampler().apply(variables, x, k))
+    other, _ = model(x, getkey(), state)
+    assert not np.array_equal(out, other)  # the key really is used
+
+    dense, dense_state = adapters.to_equinox(nn.Dense(3), x, key=getkey())
+    with pytest.raises(adapters.AdapterError, match="keyword-only"):
+        dense(x, k, dense_state)
