@@ -1,14 +1,17 @@
 """An Equinox model inside linen: `ToLinen` and `to_linen`."""
 
+import contextlib
 import functools
+import types
 import weakref
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 import equinox as eqx
 import flax.linen as nn
 import jax
 import jax.tree_util as jtu
+import numpy as np
 from jaxtyping import PRNGKeyArray, PyTree
 
 from . import _display
@@ -50,12 +53,58 @@ with `jax.jit`.\
 _LAYOUTS: dict[int, tuple[tuple[str, str], tuple[Any, ...], Layout]] = {}
 
 # The factories known to make models that leak when built from shapes, by
-# `_factory_key`: their models are built for real at once. Finding a leak costs
-# more than the build (JAX's leak check looks for every leaked tracer's referrers
-# on the heap: 2 s a trace for one closure, 20 s for ten), so it is found once a
-# factory, not at every trace. Only a cost rides on this: building for real is
-# right for any factory.
+# `_factory_key`: their models are built for real at once, without building them
+# from shapes first. Only a cost rides on this: building for real is right for any
+# factory.
 _LEAKING_FACTORIES: set[Hashable] = set()
+
+
+_WALK_LIMIT = 100_000  # objects; beyond, JAX's leak check decides
+_ATOMS = (str, bytes, int, float, complex, bool, type(None), type, types.ModuleType)
+
+
+def _holds_tracer(tree: Any) -> bool | None:
+    """Whether a tracer is reachable from a model built from shapes, through what a
+    model holds: its fields (static ones included), containers, and functions'
+    closures and defaults (not their globals), partials and bound methods. Such a
+    tracer died with the build (a closure over `jnp.arange(...)`, as flowjax's
+    couplings keep). None when the walk would pass `_WALK_LIMIT` objects.
+
+    JAX's `checking_leaks` finds the same, but builds its report by searching the
+    whole heap for each leaked tracer's referrers: seconds to a minute a build in
+    a large program."""
+    seen: set[int] = set()
+    stack = [tree]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, jax.core.Tracer):
+            return True
+        if isinstance(x, _ATOMS) or isinstance(x, (jax.Array, np.ndarray)):
+            continue
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if len(seen) > _WALK_LIMIT:
+            return None
+        if isinstance(x, types.FunctionType):
+            for cell in x.__closure__ or ():
+                with contextlib.suppress(ValueError):  # an empty cell
+                    stack.append(cell.cell_contents)
+            stack += [*(x.__defaults__ or ()), *(x.__kwdefaults__ or {}).values()]
+        elif isinstance(x, types.MethodType):
+            stack += [x.__self__, x.__func__]
+        elif isinstance(x, functools.partial):
+            stack += [x.func, *x.args, *x.keywords.values()]
+        elif isinstance(x, Mapping):
+            stack += [*x.keys(), *x.values()]
+        elif isinstance(x, (list, tuple, set, frozenset)):
+            stack += list(x)
+        else:
+            stack += list(getattr(x, "__dict__", {}).values())
+            for name in getattr(type(x), "__slots__", ()):
+                with contextlib.suppress(AttributeError):
+                    stack.append(getattr(x, name))
+    return False
 
 
 def _factory_key(make: Callable) -> Hashable | None:
@@ -196,11 +245,16 @@ class ToLinen(_display.Displayed, nn.Module):
         key = jax.random.key(0)
         factory = _factory_key(self.make)
         if factory is None or factory not in _LEAKING_FACTORIES:
-            try:
-                with jax.checking_leaks():  # a context of this thread only
-                    return eqx.filter_eval_shape(make, key)
-            except Exception:  # "Leaked trace ...", or the factory's own error,
-                eqx.filter_eval_shape(make, key)  # which this raises again
+            skeleton = eqx.filter_eval_shape(make, key)  # the factory's errors raise
+            holds = _holds_tracer(skeleton)
+            if holds is None:  # too much to walk: JAX's own (slow) check decides
+                try:
+                    with jax.checking_leaks():  # a context of this thread only
+                        return eqx.filter_eval_shape(make, key)
+                except Exception:  # "Leaked trace ..."
+                    holds = True
+            if not holds:
+                return skeleton
             if factory is not None:
                 _LEAKING_FACTORIES.add(factory)
         try:
