@@ -88,7 +88,8 @@ def max_abs_diff(a, b) -> float:
                 return float("inf")
             continue
         if x.size:
-            d = np.max(np.abs(x.astype(np.float64) - y.astype(np.float64)))
+            wide = np.complex128 if np.iscomplexobj(x) else np.float64
+            d = np.max(np.abs(x.astype(wide) - y.astype(wide)))
             if np.isnan(d):
                 d = 0.0 if np.array_equal(np.isnan(x), np.isnan(y)) else np.inf
             worst = max(worst, float(d))
@@ -113,7 +114,8 @@ def float_loss(out) -> jax.Array:
         for leaf in jax.tree.leaves(out)
         if isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jnp.inexact)
     ]
-    return sum(jnp.mean(jnp.abs(leaf.astype(jnp.float32)) ** 2) for leaf in leaves)
+    # |z|^2 of complex outputs (netket's wave functions), not their real parts.
+    return sum(jnp.mean(jnp.abs(leaf).astype(jnp.float32) ** 2) for leaf in leaves)
 
 
 def optax_standard():

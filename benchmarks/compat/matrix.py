@@ -105,8 +105,12 @@ def render(data: dict, groups: list[tuple[str, Spec]]) -> str:
         "by a real package, built with a tiny random configuration (nothing is",
         "downloaded), wrapped by the adapters and checked against the same model run",
         "natively on the same variables, in the test suite (`tests/test_compat.py`).",
-        f"{len(rows)} models: {passing} pass every check, {unsupported} are refused",
-        "with an `AdapterError` that says why.",
+        f"{len(rows)} models, of which {passing} pass every check"
+        + (
+            f" and {unsupported} are refused with an `AdapterError` that says why."
+            if unsupported
+            else "; none is refused."
+        ),
         "",
         "The checks, each the largest absolute difference between the wrapped and",
         f"the native computation (✔ when at most {data['tolerance']:g}):",
