@@ -40,8 +40,8 @@ def _signature(module: nn.Module, method: Any) -> inspect.Signature | None:
 
 def takes_key_at(module: nn.Module, method: Any, args: tuple, index: int) -> bool:
     """Whether positional argument `index` of the linen method is a key of the
-    module's own (a parameter named like one: `key`, `rng`, `prng_key`, ...), as
-    some modules take the key they sample with as an input."""
+    module's own (a parameter whose name ends in the word `key`, `rng` or `prng`),
+    as some modules take the key they sample with as an input."""
     signature = _signature(module, method)
     if signature is None:
         return False
@@ -50,7 +50,9 @@ def takes_key_at(module: nn.Module, method: Any, args: tuple, index: int) -> boo
     except TypeError:
         return False
     name = list(bound)[-1] if bound else ""
-    return "key" in name.lower() or "rng" in name.lower()
+    # The last word names what it is: `key`, `rng`, `prng_key`, `dropout_rng`; not
+    # `key_value_states` (attention's) or `keys`.
+    return name.lower().rsplit("_", 1)[-1] in ("key", "rng", "prng")
 
 
 def accepts(module: nn.Module, method: Any, name: str, args: tuple = ()) -> bool:

@@ -127,6 +127,22 @@ def _check_method(module: nn.Module, method: Any, what: str) -> None:
     )
 
 
+# The state collections a linen module's method was seen writing in inference, by
+# `_call_site`: they start mutable in later inference calls (see `_call_linen`).
+_WRITES_IN_INFERENCE: dict[Any, tuple[str, ...]] = {}
+
+
+def _call_site(module: nn.Module, method: Any) -> Any:
+    """The module's class and the method called: what decides which collections a
+    call writes, without holding the module (or its fields) alive."""
+    name = method if isinstance(method, str) or method is None else method
+    try:
+        hash(name)
+    except TypeError:
+        name = id(name)
+    return (type(module), name)
+
+
 def _concrete_true(flag: Any) -> bool:
     """Whether `flag` is a known True: a traced flag (an ensemble's, under
     `jax.vmap`) is not."""
@@ -752,8 +768,9 @@ class ToEquinox(_display.Displayed, eqx.Module):
             if habit in kwargs:
                 raise AdapterError(
                     f"`ToEquinox.__call__` got `{habit}=`, an argument of linen's "
-                    "`apply`. The wrapper passes every state collection as mutable "
-                    "and returns the updated state; randomness comes from one "
+                    "`apply`. The wrapper makes the state collections mutable (in "
+                    "inference, those the module writes) and returns the updated "
+                    "state; randomness comes from one "
                     "`key=`, split into the declared `rng_streams` by "
                     "`adapters.linen_rngs`."
                 )
@@ -822,7 +839,8 @@ class ToEquinox(_display.Displayed, eqx.Module):
         kwargs: dict[str, Any],
     ) -> tuple[Any, Mapping[str, PyTree]]:
         """linen's `apply` with the model's variables and the state's collections
-        `held`, every state and `capture` collection mutable: `(out, updates)`.
+        `held` and the `capture` collections mutable (in inference, the held
+        collections the module writes, found by retrying): `(out, updates)`.
         linen's errors about keys, collections and params become `AdapterError`s
         that say what to do."""
         module = self.linen_module
@@ -835,14 +853,18 @@ class ToEquinox(_display.Displayed, eqx.Module):
         )
         rngs = None if key is None else linen_rngs(key, self.rng_streams)
         mutable = [*held, *capture]
-        if _concrete_true(self.inference):
+        inference = _concrete_true(self.inference)
+        if inference:
             # In inference, as linen's `apply(variables, x)`, the state starts
             # read-only, and a collection the module writes (a decode cache)
             # becomes mutable, as `apply(..., mutable=["cache"])` makes it. A
             # module that takes its mode from `is_mutable_collection` (a
             # BatchNorm with `use_running_average=not
             # self.is_mutable_collection("batch_stats")`) thus runs in inference.
-            mutable = [*capture]
+            # Which collections a module writes is remembered, so that only its
+            # first call runs twice up to the write.
+            written = _WRITES_IN_INFERENCE.get(_call_site(module, method), ())
+            mutable = [*capture, *(c for c in written if c in held)]
         try:
             while True:
                 try:
@@ -855,11 +877,19 @@ class ToEquinox(_display.Displayed, eqx.Module):
                         **kwargs,
                     )
                     break
-                except flax.errors.ModifyScopeVariableError as err:
-                    written = _quoted(err, "collection")
-                    if written not in held or written in mutable:
+                except (
+                    flax.errors.ModifyScopeVariableError,
+                    flax.errors.ScopeVariableNotFoundError,
+                ) as err:
+                    collection = _quoted(err, "collection")
+                    if not inference or collection not in held:
                         raise
-                    mutable.append(written)
+                    if collection in mutable:
+                        raise
+                    mutable.append(collection)
+                    site = _call_site(module, method)
+                    known = _WRITES_IN_INFERENCE.get(site, ())
+                    _WRITES_IN_INFERENCE[site] = (*known, collection)
         except flax.errors.InvalidRngError as err:
             stream, streams = _quoted(err, "PRNG for"), self.rng_streams
             suggested = (*streams, stream)

@@ -1,10 +1,10 @@
 """An Equinox model inside linen: `ToLinen` and `to_linen`."""
 
-import contextlib
 import functools
+import gc
 import types
 import weakref
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import equinox as eqx
@@ -60,15 +60,16 @@ _LEAKING_FACTORIES: set[Hashable] = set()
 
 
 _WALK_LIMIT = 100_000  # objects; beyond, JAX's leak check decides
-_ATOMS = (str, bytes, int, float, complex, bool, type(None), type, types.ModuleType)
+_ATOMS = (str, bytes, int, float, complex, bool, type(None), types.ModuleType)
 
 
 def _holds_tracer(tree: Any) -> bool | None:
-    """Whether a tracer is reachable from a model built from shapes, through what a
-    model holds: its fields (static ones included), containers, and functions'
-    closures and defaults (not their globals), partials and bound methods. Such a
-    tracer died with the build (a closure over `jnp.arange(...)`, as flowjax's
-    couplings keep). None when the walk would pass `_WALK_LIMIT` objects.
+    """Whether a tracer is reachable from a model built from shapes: such a tracer
+    died with the build (a closure over `jnp.arange(...)`, as flowjax's couplings
+    keep). The walk follows every reference the garbage collector knows (fields,
+    slots, containers, closures, defaults, classes defined in the factory and
+    their methods) except functions' globals and modules, which hold the rest of
+    the program. None when it would pass `_WALK_LIMIT` objects.
 
     JAX's `checking_leaks` finds the same, but builds its report by searching the
     whole heap for each leaked tracer's referrers: seconds to a minute a build in
@@ -86,25 +87,28 @@ def _holds_tracer(tree: Any) -> bool | None:
         seen.add(id(x))
         if len(seen) > _WALK_LIMIT:
             return None
+        if isinstance(x, type) and "<locals>" not in x.__qualname__:
+            continue  # a class of a module's: nothing the factory made
+        if type(x).__module__.startswith("jaxlib"):
+            continue  # JAX's C++ objects: treedefs lead to the pytree registry
         if isinstance(x, types.FunctionType):
-            for cell in x.__closure__ or ():
-                with contextlib.suppress(ValueError):  # an empty cell
-                    stack.append(cell.cell_contents)
+            stack += [c.cell_contents for c in _filled(x.__closure__ or ())]
             stack += [*(x.__defaults__ or ()), *(x.__kwdefaults__ or {}).values()]
-        elif isinstance(x, types.MethodType):
-            stack += [x.__self__, x.__func__]
-        elif isinstance(x, functools.partial):
-            stack += [x.func, *x.args, *x.keywords.values()]
-        elif isinstance(x, Mapping):
-            stack += [*x.keys(), *x.values()]
-        elif isinstance(x, (list, tuple, set, frozenset)):
-            stack += list(x)
+            stack += list(x.__dict__.values())  # not its globals: the program's
         else:
-            stack += list(getattr(x, "__dict__", {}).values())
-            for name in getattr(type(x), "__slots__", ()):
-                with contextlib.suppress(AttributeError):
-                    stack.append(getattr(x, name))
+            stack += gc.get_referents(x)
     return False
+
+
+def _filled(cells: tuple[Any, ...]) -> list[Any]:
+    filled = []
+    for cell in cells:
+        try:
+            cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        filled.append(cell)
+    return filled
 
 
 def _factory_key(make: Callable) -> Hashable | None:
@@ -345,6 +349,7 @@ class ToLinen(_display.Displayed, nn.Module):
             self.state_collection,
             self.buffer_collection,
             "`variables`",
+            box=lambda expected: box_variables(expected, self.partition),
         )
 
     @nn.compact

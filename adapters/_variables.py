@@ -229,16 +229,19 @@ class TreeSpec:
 
     treedef: Any
     leaves: tuple[tuple[tuple[str, ...], Leaf], ...]
+    boxed: frozenset[tuple[str, ...]] = frozenset()  # paths of partitioning boxes
 
     @classmethod
     def of(cls, tree: PyTree, where: str) -> "TreeSpec":
         treedef = jtu.tree_structure(tree)
         flat, _ = jtu.tree_flatten_with_path(tree, is_leaf=is_box)
-        leaves = []
+        leaves, boxed = [], set()
         for path, leaf in flat:
             keys = path_keys(path)
             leaves.append((keys, abstract_leaf(leaf, f"{where}/{show_path(keys)}")))
-        return cls(treedef, tuple(leaves))
+            if is_box(leaf):
+                boxed.add(keys)
+        return cls(treedef, tuple(leaves), frozenset(boxed))
 
     def describe(self) -> str:
         return ", ".join(f"{show_path(p)}: {leaf}" for p, leaf in self.leaves) or (
@@ -316,14 +319,17 @@ def strong(tree: PyTree, scalars: bool = True) -> PyTree:
     return jtu.tree_map(one, tree)
 
 
-_OPENED_BOX = """\
-  {where}: a dict {{'value': {leaf}}} where the model has a partitioning box
-    (such as `nn.Partitioned`) holding {leaf}. A box saved and restored without a
-    target comes back as such a dict (orbax, `flax.serialization`): restore with a
-    target that has the boxes, e.g. orbax's `checkpointer.restore(path, abstract)`
-    with `abstract = jax.eval_shape(lambda: model.linen_variables(state))` for a
-    `ToEquinox`, or `jax.eval_shape(module.init, key, x)` for a linen module (with
-    shardings from `adapters.named_shardings` for a mesh).\
+_OPENED_BOX = (
+    "  {where}: a dict {{'value': {leaf}}} where the model has a partitioning box "
+    "holding {leaf}"
+)
+OPENED_BOX_ADVICE = """\
+A partitioning box (such as `nn.Partitioned`) saved and restored without a target
+comes back as a dict {'value': array} (orbax, `flax.serialization`). Restore with a
+target that has the boxes: orbax's `checkpointer.restore(path, abstract)` with
+`abstract = jax.eval_shape(lambda: model.linen_variables(state))` for a
+`ToEquinox`, or `jax.eval_shape(module.init, key, x)` for a linen module (and
+shardings from `adapters.named_shardings` for a mesh).\
 """
 
 
@@ -341,7 +347,8 @@ def spec_problems(
     opened = set()  # boxes given back as `{"value": array}` dicts
     for path, leaf in want.items():
         where = f"{collection}/{show_path(path)}"
-        if path not in have and have.get((*path, "value")) == leaf:
+        opened_box = path in expected.boxed and have.get((*path, "value")) == leaf
+        if path not in have and opened_box:
             opened.add((*path, "value"))
             problems.append(_OPENED_BOX.format(where=where, leaf=leaf))
         elif path not in have:
@@ -351,6 +358,8 @@ def spec_problems(
     for path, leaf in have.items():
         if path not in want and path not in opened:
             problems.append(f"  {collection}/{show_path(path)}: {extra} ({leaf})")
+    if opened:
+        problems.append(OPENED_BOX_ADVICE)
     if not problems and expected.treedef != got.treedef:
         problems.append(
             f"  {collection}: same entries but a different tree structure (for "
@@ -379,14 +388,26 @@ def specs_problems(
             )
             continue
         problems += spec_problems(expected[name], TreeSpec.of(tree, where), name)
+    if OPENED_BOX_ADVICE in problems:  # said once, after every entry it explains
+        problems = [p for p in problems if p != OPENED_BOX_ADVICE]
+        problems.append(OPENED_BOX_ADVICE)
     return problems
 
 
 def variables_problems(
-    expected: Mapping[str, PyTree], got: Mapping[str, PyTree], where: str
+    expected: Mapping[str, PyTree],
+    got: Mapping[str, PyTree],
+    where: str,
+    boxed: Mapping[str, PyTree] | None = None,
 ) -> list[str]:
-    """Compares whole variables dicts, collection by collection."""
+    """Compares whole variables dicts, collection by collection. `boxed`, the
+    expected variables in the boxes the caller's were saved with, tells the report
+    where a box restored as `{"value": array}` is to be named."""
     specs = {name: TreeSpec.of(tree, where) for name, tree in expected.items()}
+    for name, tree in (boxed or {}).items():
+        if name in specs:
+            boxes = TreeSpec.of(tree, where).boxed
+            specs[name] = dataclasses.replace(specs[name], boxed=boxes)
     return specs_problems(specs, got, where)
 
 
@@ -469,17 +490,20 @@ def variables_to_equinox(
     state_collection: str,
     buffer_collection: str,
     where: str,
+    box: Any = None,
 ) -> tuple[PyTree, eqx.nn.State | None]:
     """The inverse of `equinox_to_variables`: puts the arrays of `variables` into
     the structure of `skeleton` (a model whose arrays may be
     `jax.ShapeDtypeStruct`s), after checking that every entry is there with its
-    shape and dtype."""
+    shape and dtype. `box` puts the expected variables in the partitioning boxes
+    the caller's variables have (for the report's sake only)."""
     skeleton = eqx.nn.delete_init_state(skeleton)
     expected = equinox_to_variables(
         skeleton, skeleton_state, state_collection, buffer_collection
     )
     got = as_collections(variables, where)
-    problems = variables_problems(expected, got, where)
+    boxed = None if box is None else box(expected)
+    problems = variables_problems(expected, got, where, boxed)
     if problems:
         raise AdapterError(
             f"{where} do not fit the Equinox model:\n"

@@ -487,6 +487,7 @@ def launch(args, argv) -> int:
     # A SIGTERM (a test's or a job scheduler's timeout) ends the children too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     deadline = time.monotonic() + args.timeout
+    timed_out = False
     try:
         for i in range(args.processes):
             command = [sys.executable, __file__, *argv, "--process-id", str(i)]
@@ -503,8 +504,11 @@ def launch(args, argv) -> int:
             readers.append(reader)
             outputs.append(lines)
         while any(c.poll() is None for c in children):
-            if any(c.poll() for c in children) or time.monotonic() > deadline:
-                break  # one failed (the others may wait for it forever), or late
+            if any(c.poll() for c in children):
+                break  # one failed: the others may wait for it forever
+            if time.monotonic() > deadline:
+                timed_out = True
+                break
             time.sleep(0.1)
     finally:
         for child in children:
@@ -513,7 +517,6 @@ def launch(args, argv) -> int:
         for child, reader in zip(children, readers):
             child.wait()
             reader.join()
-    timed_out = time.monotonic() > deadline
     codes = [c.returncode for c in children]
     for i, lines in enumerate(outputs):
         print(f"--- process {i} (exit code {codes[i]}) ---")

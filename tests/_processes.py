@@ -45,7 +45,8 @@ def run_together(commands, envs, timeout, cwd=None) -> Finished:
                     command,
                     stdout=out,
                     stderr=subprocess.STDOUT,
-                    env=env,
+                    # Unbuffered, so that a killed child's output is in the report.
+                    env=dict(env, PYTHONUNBUFFERED="1"),
                     cwd=cwd,
                     start_new_session=True,
                 )

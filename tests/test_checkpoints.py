@@ -635,6 +635,15 @@ def test_box_restored_without_a_target_is_named_and_the_target_restores(fmt, get
     with pytest.raises(adapters.AdapterError, match=re.escape(_OPENED)) as err:
         model.with_linen_variables(raw)
     assert "unexpected entry" not in str(err.value)  # one line for the entry
+    # Where the model has a plain array, a {"value": ...} dict is no box's: the
+    # message says only what is missing and unexpected.
+    plain, plain_state = adapters.to_equinox(nn.Dense(3), x, key=getkey())
+    kernel = plain.linen_variables(plain_state)["params"]["kernel"]
+    with pytest.raises(adapters.AdapterError, match="missing") as err:
+        plain.with_linen_variables(
+            {"params": {"kernel": {"value": kernel}, "bias": jnp.zeros(3)}}
+        )
+    assert "partitioning box" not in str(err.value)
     with pytest.raises(adapters.AdapterError, match=re.escape(_OPENED)):
         adapters.to_equinox(Partitioned(), x, variables=raw, train_kwarg="train")
     # The failed calls left the model and its state as they were.

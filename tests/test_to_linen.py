@@ -1,6 +1,7 @@
 """`ToLinen`: conventions, errors, and both directions composed, against native
 Equinox and native linen."""
 
+import functools
 from typing import Any
 
 import chex
@@ -499,6 +500,84 @@ def test_a_leaking_factory_is_found_once(getkey):
     jitted = jax.jit(make_net().apply)(variables, x)
     chex.assert_trees_all_close(jitted, want, rtol=1e-6)
     assert len(calls) == 1
+
+
+class _Slots:
+    __slots__ = ("offsets",)
+
+
+class _MoreSlots(_Slots):  # the array sits in a base class's slot
+    __slots__ = ("scale",)
+
+
+def _local_class(key):
+    offsets = jnp.arange(3.0)
+
+    class Local(eqx.Module):  # a class made by the factory, closing over an array
+        linear: eqx.nn.Linear
+
+        def __call__(self, x):
+            return self.linear(x) + offsets
+
+    return Local(eqx.nn.Linear(3, 3, key=key))
+
+
+class _Held(eqx.Module):
+    linear: eqx.nn.Linear
+    held: Any = eqx.field(static=True)
+
+    def __call__(self, x):
+        held = self.held
+        if isinstance(held, functools.partial):
+            return held(self.linear(x))
+        return self.linear(x) * held.scale + held.offsets
+
+
+def _in_slots(key):
+    held = _MoreSlots()
+    held.offsets, held.scale = jnp.arange(3.0), 2.0
+    return _Held(eqx.nn.Linear(3, 3, key=key), held)
+
+
+def _in_partial(key):
+    return _Held(
+        eqx.nn.Linear(3, 3, key=key), functools.partial(jnp.add, jnp.arange(3.0))
+    )
+
+
+@pytest.mark.parametrize("make", [_local_class, _in_slots, _in_partial])
+def test_leaks_in_other_places_are_found(make, getkey):
+    """An array made by the factory held in a class the factory defines, in a base
+    class's `__slots__`, or in a `functools.partial`: each is found and the model
+    built for real, computing what the native model computes."""
+    module = adapters.ToLinen(make=make, vmap_axis=0)
+    x = jr.normal(getkey(), (4, 3))
+    variables = module.init(getkey(), x)
+    params = variables["params"]["linear"]
+    native = eqx.tree_at(  # built natively, holding the variables' arrays
+        lambda m: (m.linear.weight, m.linear.bias),
+        make(jr.key(0)),
+        (params["weight"], params["bias"]),
+    )
+    want = jax.vmap(native)(x)
+    chex.assert_trees_all_close(module.apply(variables, x), want, rtol=1e-6)
+    chex.assert_trees_all_close(jax.jit(module.apply)(variables, x), want, rtol=1e-6)
+
+
+def test_a_model_without_leaks_is_built_from_shapes(getkey):
+    """The walk finds no tracer in an ordinary model, even while a leaking model's
+    tracers are alive elsewhere (reachable only through JAX's global pytree
+    registry): it is built from shapes, as before."""
+    from adapters._to_linen import _holds_tracer
+
+    leaking = eqx.filter_eval_shape(_local_class, jr.key(0))
+    plain = eqx.filter_eval_shape(
+        lambda k: eqx.nn.make_with_state(eqx.nn.BatchNorm)(3, "batch", mode="batch"),
+        jr.key(0),
+    )
+    assert _holds_tracer(leaking) is True
+    assert _holds_tracer(plain) is False
+    assert _holds_tracer(eqx.filter_eval_shape(_in_partial, jr.key(0))) is True
 
 
 def test_factory_of_a_flowjax_flow(getkey):
