@@ -15,6 +15,7 @@ check group.
 
 import dataclasses
 import functools
+import importlib.metadata
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -70,6 +71,12 @@ class Row:
     def from_json(cls, data: dict) -> "Row":
         checks = {k: Check(**v) for k, v in data["checks"].items()}
         return cls(**{**data, "checks": checks})
+
+
+def installed(distribution: str) -> Callable[[], str]:
+    """A row's `version`: the installed version of the package, read when the row
+    runs."""
+    return lambda: importlib.metadata.version(distribution)
 
 
 def max_abs_diff(a, b) -> float:

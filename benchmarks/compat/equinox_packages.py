@@ -4,22 +4,18 @@
 Every model is tiny and built here from random keys: nothing is downloaded.
 """
 
-import functools
-import importlib.metadata
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .checks import Spec
+from .checks import (
+    installed,
+    Spec,
+)
 from .equinox_checks import EquinoxCase, Method
 
 
 BATCH, DIM, COND = 4, 3, 2
-
-
-def _version(package):
-    return functools.partial(importlib.metadata.version, package)
 
 
 def _normal(shape, seed=0):
@@ -162,7 +158,7 @@ ROWS = [
     Spec(
         "flowjax/coupling_flow",
         "flowjax",
-        _version("flowjax"),
+        installed("flowjax"),
         [
             "factory (ToLinen(make=...))",
             "arrays in closures",
@@ -182,7 +178,7 @@ ROWS = [
     Spec(
         "flowjax/masked_autoregressive_flow",
         "flowjax",
-        _version("flowjax"),
+        installed("flowjax"),
         [
             "a built flow (to_linen)",
             "arrays in closures",
@@ -201,7 +197,7 @@ ROWS = [
     Spec(
         "sympy2jax/SymbolicModule",
         "sympy2jax",
-        _version("sympy2jax"),
+        installed("sympy2jax"),
         [
             "float parameters",
             "integer buffers (constants)",
@@ -214,7 +210,7 @@ ROWS = [
     Spec(
         "distreqx/MixtureSameFamily",
         "distreqx",
-        _version("distreqx"),
+        installed("distreqx"),
         [
             "key (no vmap_axis)",
             "no positional input",
@@ -228,7 +224,7 @@ ROWS = [
     Spec(
         "haliax/Stacked",
         "haliax",
-        _version("haliax"),
+        installed("haliax"),
         [
             "named-axis (NamedArray) inputs and outputs",
             "stacked layers folded by scan",

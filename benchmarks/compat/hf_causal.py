@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from .checks import LinenCase, Spec
 from .hf_common import (
     causal_decoding,
+    hf_config,
     module_class,
     PACKAGE,
     padded_mask,
@@ -29,18 +30,6 @@ TINY = dict(vocab_size=VOCAB, num_hidden_layers=1, num_attention_heads=2)
 # booleans per layer): keep it just above the longest sequence.
 MAX_POSITIONS = 32
 COMMON = ["params", "dropout stream", "`deterministic=`", "`cache` (init_cache)"]
-
-
-def _config(family, name, **kwargs):
-    import importlib
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        module = importlib.import_module(
-            f"transformers.models.{family}.configuration_{family}"
-        )
-    return getattr(module, name)(**kwargs)
 
 
 def _positional_case(family, name, config, position_ids=None):
@@ -76,7 +65,7 @@ def mask_decoding(case, params):
 
 
 def gpt2():
-    config = _config(
+    config = hf_config(
         "gpt2",
         "GPT2Config",
         vocab_size=VOCAB,
@@ -94,7 +83,7 @@ def gpt2():
 def gpt_neo():
     # Two layers, one global and one local, with a window shorter than the
     # sequence and than the decoded tokens, so that the local mask cuts.
-    config = _config(
+    config = hf_config(
         "gpt_neo",
         "GPTNeoConfig",
         vocab_size=VOCAB,
@@ -114,7 +103,7 @@ def gpt_neo():
 
 def gptj():
     # rotary_dim below the head width: half of each head rotates, half passes.
-    config = _config(
+    config = hf_config(
         "gptj",
         "GPTJConfig",
         vocab_size=VOCAB,
@@ -135,7 +124,7 @@ def opt():
     # Word embeddings narrower than the model (project_in/out) and tied to the
     # head; positions as OPT derives them from the mask (padding at -1, which the
     # offset of 2 of its learned positions makes valid).
-    config = _config(
+    config = hf_config(
         "opt",
         "OPTConfig",
         **TINY,
@@ -152,7 +141,7 @@ def opt():
 
 
 def bloom():
-    config = _config(
+    config = hf_config(
         "bloom",
         "BloomConfig",
         vocab_size=VOCAB,
@@ -170,7 +159,7 @@ def bloom():
 
 def llama():
     # One key/value head for two query heads: grouped-query attention.
-    config = _config(
+    config = hf_config(
         "llama",
         "LlamaConfig",
         **TINY,
@@ -187,7 +176,7 @@ def mistral():
     # transformers' Flax Mistral passes `dropout_rate=attention_dropout` to
     # `dot_product_attention_weights` without a `dropout_rng`, so any non-zero
     # rate fails natively in training: this model has no dropout to exercise.
-    config = _config(
+    config = hf_config(
         "mistral",
         "MistralConfig",
         **TINY,
@@ -202,7 +191,7 @@ def mistral():
 
 
 def gemma():
-    config = _config(
+    config = hf_config(
         "gemma",
         "GemmaConfig",
         **TINY,
@@ -220,7 +209,7 @@ def gemma():
 def xglm():
     # layerdrop stays 0: XGLM draws it from Python's `random` at trace time, which
     # no rng stream controls.
-    config = _config(
+    config = hf_config(
         "xglm",
         "XGLMConfig",
         vocab_size=VOCAB,

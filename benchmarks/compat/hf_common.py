@@ -38,6 +38,21 @@ def module_class(family: str, name: str):
     return getattr(module, name)
 
 
+def hf_config_class(family: str, name: str):
+    """`transformers.models.<family>.configuration_<family>.<name>`."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = importlib.import_module(
+            f"transformers.models.{family}.configuration_{family}"
+        )
+    return getattr(module, name)
+
+
+def hf_config(family: str, name: str, **kwargs):
+    """A tiny config of the family, written here (nothing is downloaded)."""
+    return hf_config_class(family, name)(**kwargs)
+
+
 def token_ids(vocab, batch=BATCH, length=LENGTH, seed=0):
     rng = np.random.default_rng(seed)
     return jnp.asarray(rng.integers(3, vocab, size=(batch, length)), dtype=jnp.int32)

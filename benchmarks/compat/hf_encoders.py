@@ -5,13 +5,11 @@ Every row runs in training with the dropout stream and in inference
 attention mask reaches every family's attention.
 """
 
-import importlib
-import warnings
-
 import jax.numpy as jnp
 
 from .checks import LinenCase, Spec
 from .hf_common import (
+    hf_config,
     module_class,
     PACKAGE,
     padded_mask,
@@ -33,15 +31,6 @@ TINY = dict(
     attention_probs_dropout_prob=0.1,
 )
 LABELS = 3
-
-
-def _config(family, name, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        module = importlib.import_module(
-            f"transformers.models.{family}.configuration_{family}"
-        )
-    return getattr(module, name)(**kwargs)
 
 
 def _bert_inputs(**extra):
@@ -71,7 +60,7 @@ def _roberta_inputs(pad_id):
 
 
 def bert():
-    config = _config("bert", "BertConfig", **TINY, max_position_embeddings=32)
+    config = hf_config("bert", "BertConfig", **TINY, max_position_embeddings=32)
     module = module_class("bert", "FlaxBertForMaskedLMModule")(config)
     return LinenCase(module, kwargs=_bert_inputs(head_mask=None))
 
@@ -79,7 +68,7 @@ def bert():
 def albert():
     # Two layers in one shared group: ALBERT's cross-layer parameter sharing
     # runs the same weights twice; and embeddings narrower than the hidden size.
-    config = _config(
+    config = hf_config(
         "albert",
         "AlbertConfig",
         **{**TINY, "num_hidden_layers": 2},
@@ -100,7 +89,7 @@ BIG_BIRD_LENGTH = 16
 
 
 def big_bird():
-    config = _config(
+    config = hf_config(
         "big_bird",
         "BigBirdConfig",
         **TINY,
@@ -127,7 +116,7 @@ def big_bird():
 
 
 def distilbert():
-    config = _config(
+    config = hf_config(
         "distilbert",
         "DistilBertConfig",
         vocab_size=VOCAB,
@@ -152,7 +141,7 @@ def distilbert():
 def electra():
     # The generator's embeddings are narrower than its hidden size (a projection
     # in between), and its head is tied to them.
-    config = _config(
+    config = hf_config(
         "electra",
         "ElectraConfig",
         **TINY,
@@ -164,7 +153,7 @@ def electra():
 
 
 def roberta():
-    config = _config(
+    config = hf_config(
         "roberta", "RobertaConfig", **TINY, max_position_embeddings=32, pad_token_id=1
     )
     module = module_class("roberta", "FlaxRobertaForMaskedLMModule")(config)
@@ -172,7 +161,7 @@ def roberta():
 
 
 def roberta_prelayernorm():
-    config = _config(
+    config = hf_config(
         "roberta_prelayernorm",
         "RobertaPreLayerNormConfig",
         **TINY,
@@ -186,7 +175,7 @@ def roberta_prelayernorm():
 
 
 def roformer():
-    config = _config(
+    config = hf_config(
         "roformer",
         "RoFormerConfig",
         **TINY,
@@ -208,7 +197,7 @@ def roformer():
 
 
 def xlm_roberta():
-    config = _config(
+    config = hf_config(
         "xlm_roberta",
         "XLMRobertaConfig",
         **TINY,

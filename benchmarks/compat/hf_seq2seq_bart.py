@@ -10,8 +10,6 @@ compared too (`Decoding.encoded`).
 """
 
 import functools
-import importlib
-import warnings
 from collections.abc import Callable
 
 import equinox as eqx
@@ -24,6 +22,7 @@ import adapters
 from .checks import Decoding, LinenCase, Spec
 from .hf_common import (
     BATCH,
+    hf_config,
     LENGTH,
     module_class,
     PACKAGE,
@@ -53,15 +52,6 @@ TINY = dict(
 # The defaults of several families name token ids beyond the tiny vocabulary.
 TOKENS = dict(pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)
 BART_LIKE = dict(**TINY, **TOKENS, max_position_embeddings=32)
-
-
-def _config(family, name, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        module = importlib.import_module(
-            f"transformers.models.{family}.configuration_{family}"
-        )
-    return getattr(module, name)(**kwargs)
 
 
 # ---------------------------------------------------------------------------------
@@ -303,7 +293,7 @@ def seq2seq_decoding(
 
 
 def _bart_like_case(family, config_name, module_name, **config):
-    config = _config(family, config_name, **BART_LIKE, **config)
+    config = hf_config(family, config_name, **BART_LIKE, **config)
     module = module_class(family, module_name)(config)
     return LinenCase(
         module,
@@ -380,7 +370,7 @@ WHISPER_MELS, WHISPER_FRAMES = 8, 8  # features (batch, 8, 2 * 8)
 
 
 def whisper():
-    config = _config(
+    config = hf_config(
         "whisper",
         "WhisperConfig",
         **TINY,

@@ -13,8 +13,6 @@ wrapper checks the given variables against it.
 import contextlib
 import dataclasses
 import functools
-import importlib
-import warnings
 from collections.abc import Callable
 
 import equinox as eqx
@@ -28,6 +26,8 @@ import adapters
 from .checks import Decoding, LinenCase, Spec
 from .hf_common import (
     BATCH,
+    hf_config,
+    hf_config_class,
     LENGTH,
     module_class,
     PACKAGE,
@@ -42,19 +42,6 @@ from .hf_common import (
 VOCAB = 64
 DROPOUT = 0.1
 AUDIO = 400  # samples: 79 frames after the first convolution, 39 after the second
-
-
-def _config_class(family, name):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        module = importlib.import_module(
-            f"transformers.models.{family}.configuration_{family}"
-        )
-    return getattr(module, name)
-
-
-def _config(family, name, **kwargs):
-    return _config_class(family, name)(**kwargs)
 
 
 # ---------------------------------------------------------------------------------
@@ -520,7 +507,7 @@ T5_TINY = dict(
 def t5():
     # Two layers each: the first layer's relative position bias is handed on to
     # the second (and, decoding, sliced at the cache index).
-    config = _config("t5", "T5Config", **T5_TINY, num_layers=2, num_decoder_layers=2)
+    config = hf_config("t5", "T5Config", **T5_TINY, num_layers=2, num_decoder_layers=2)
     module = module_class("t5", "FlaxT5ForConditionalGenerationModule")(config)
     return _t5_like_case(module)
 
@@ -528,7 +515,7 @@ def t5():
 def mt5():
     # mT5's Flax classes use T5's module; its config unties the embeddings (no
     # rescaling, an own `lm_head`) and gates the feed-forward (gated-gelu).
-    config = _config("mt5", "MT5Config", **T5_TINY, num_layers=1)
+    config = hf_config("mt5", "MT5Config", **T5_TINY, num_layers=1)
     model = module_class("mt5", "FlaxMT5ForConditionalGeneration")
     return _t5_like_case(model.module_class(config))
 
@@ -537,7 +524,7 @@ def longt5():
     # Transient-global attention in the encoder: blocks of local_radius + 1 = 3
     # tokens and global blocks of 4 over 8 tokens, so blocks are padded and
     # there are two global tokens; the decoder attends as T5's does.
-    config = _config(
+    config = hf_config(
         "longt5",
         "LongT5Config",
         **T5_TINY,
@@ -569,8 +556,8 @@ TEXT_TINY = dict(
 )
 
 
-def _gpt2_config(width):
-    return _config(
+def _gpt2config(width):
+    return hf_config(
         "gpt2",
         "GPT2Config",
         vocab_size=VOCAB,
@@ -588,7 +575,7 @@ def _composite(family, config_name, module_name, encoder, decoder, needs):
     # Imported here, warnings silenced, rather than by the composite's setup.
     for other, name in needs:
         module_class(other, name)
-    config_class = _config_class(family, config_name)
+    config_class = hf_config_class(family, config_name)
     config = config_class.from_encoder_decoder_configs(encoder, decoder)
     return module_class(family, module_name)(config)
 
@@ -602,13 +589,13 @@ def _decoder_kwargs(seed=1):
 
 
 def encoder_decoder():
-    bert = _config("bert", "BertConfig", **TEXT_TINY, hidden_size=16)
+    bert = hf_config("bert", "BertConfig", **TEXT_TINY, hidden_size=16)
     module = _composite(
         "encoder_decoder",
         "EncoderDecoderConfig",
         "FlaxEncoderDecoderModule",
         bert,
-        _gpt2_config(16),
+        _gpt2config(16),
         [("bert", "FlaxBertModule"), ("gpt2", "FlaxGPT2LMHeadModule")],
     )
     return LinenCase(
@@ -623,7 +610,7 @@ def encoder_decoder():
 
 
 def vision_encoder_decoder():
-    vit = _config(
+    vit = hf_config(
         "vit",
         "ViTConfig",
         image_size=32,
@@ -640,7 +627,7 @@ def vision_encoder_decoder():
         "VisionEncoderDecoderConfig",
         "FlaxVisionEncoderDecoderModule",
         vit,
-        _gpt2_config(32),  # wider than the encoder: `enc_to_dec_proj` projects
+        _gpt2config(32),  # wider than the encoder: `enc_to_dec_proj` projects
         [("vit", "FlaxViTModule"), ("gpt2", "FlaxGPT2LMHeadModule")],
     )
     return LinenCase(module, kwargs=dict(pixel_values=pixels(), **_decoder_kwargs()))
@@ -649,7 +636,7 @@ def vision_encoder_decoder():
 def speech_encoder_decoder():
     # Flax's Wav2Vec2 supports only the layer-normed feature encoder and the
     # stable layer norm; two convolutions bring 400 samples to 39 frames.
-    wav2vec2 = _config(
+    wav2vec2 = hf_config(
         "wav2vec2",
         "Wav2Vec2Config",
         vocab_size=VOCAB,
@@ -669,7 +656,7 @@ def speech_encoder_decoder():
         activation_dropout=DROPOUT,
         feat_proj_dropout=DROPOUT,
     )
-    bert = _config("bert", "BertConfig", **TEXT_TINY, hidden_size=16)
+    bert = hf_config("bert", "BertConfig", **TEXT_TINY, hidden_size=16)
     module = _composite(
         "speech_encoder_decoder",
         "SpeechEncoderDecoderConfig",

@@ -4,15 +4,14 @@ Images are channels-last (the layout the Flax modules take; transformers' model
 wrappers transpose from channels-first before calling them).
 """
 
-import importlib
-import warnings
-
 import jax.numpy as jnp
 import numpy as np
 
 from .checks import LinenCase, Spec
 from .hf_common import (
     BATCH,
+    hf_config,
+    hf_config_class,
     module_class,
     PACKAGE,
     padded_mask,
@@ -39,21 +38,8 @@ TINY = dict(
 CONV_IMAGE = 32
 
 
-def _config_class(family, name):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        module = importlib.import_module(
-            f"transformers.models.{family}.configuration_{family}"
-        )
-    return getattr(module, name)
-
-
-def _config(family, name, **kwargs):
-    return _config_class(family, name)(**kwargs)
-
-
-def _vit_config(**extra):
-    return _config(
+def _vitconfig(**extra):
+    return hf_config(
         "vit",
         "ViTConfig",
         **TINY,
@@ -65,14 +51,14 @@ def _vit_config(**extra):
 
 
 def vit():
-    module = module_class("vit", "FlaxViTForImageClassificationModule")(_vit_config())
+    module = module_class("vit", "FlaxViTForImageClassificationModule")(_vitconfig())
     return LinenCase(module, kwargs=dict(pixel_values=pixels(size=IMAGE)))
 
 
 def beit():
     # Two layers: stochastic depth's rate grows from 0 at the first layer, so
     # only a second layer draws from the `droppath` stream.
-    config = _config(
+    config = hf_config(
         "beit",
         "BeitConfig",
         **{**TINY, "num_hidden_layers": 2},
@@ -93,7 +79,7 @@ def beit():
 
 
 def dinov2():
-    config = _config(
+    config = hf_config(
         "dinov2",
         "Dinov2Config",
         hidden_size=16,
@@ -112,7 +98,7 @@ def dinov2():
 
 
 def resnet():
-    config = _config(
+    config = hf_config(
         "resnet",
         "ResNetConfig",
         embedding_size=8,
@@ -132,7 +118,7 @@ def resnet():
 
 
 def regnet():
-    config = _config(
+    config = hf_config(
         "regnet",
         "RegNetConfig",
         embedding_size=8,
@@ -163,7 +149,7 @@ def _clip_text_inputs(eos_id):
 
 def clip():
     eos = VOCAB - 1
-    config = _config(
+    config = hf_config(
         "clip",
         "CLIPConfig",
         text_config=dict(
@@ -205,7 +191,7 @@ AUDIO = 200  # samples: the feature encoder makes 19 frames of them
 
 
 def wav2vec2():
-    config = _config(
+    config = hf_config(
         "wav2vec2",
         "Wav2Vec2Config",
         vocab_size=16,
@@ -251,15 +237,15 @@ def wav2vec2():
 
 
 def vision_text_dual_encoder():
-    text = _config(
+    text = hf_config(
         "bert",
         "BertConfig",
         **TINY,
         vocab_size=VOCAB,
         max_position_embeddings=32,
     )
-    vision = _vit_config()
-    config = _config_class(
+    vision = _vitconfig()
+    config = hf_config_class(
         "vision_text_dual_encoder", "VisionTextDualEncoderConfig"
     ).from_vision_text_configs(vision, text, projection_dim=8)
     module = module_class(

@@ -14,14 +14,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .checks import Decoding, LinenCase, Spec
+from .checks import (
+    Decoding,
+    installed,
+    LinenCase,
+    Spec,
+)
 
 
 BATCH = 4
-
-
-def _version(distribution):
-    return lambda: importlib.metadata.version(distribution)
 
 
 def _normal(shape, seed=0, dtype=jnp.float32):
@@ -358,7 +359,7 @@ ROWS = [
     Spec(
         "e3nn-jax/BatchNorm",
         "e3nn-jax",
-        _version("e3nn-jax"),
+        installed("e3nn-jax"),
         [
             "`IrrepsArray` input and output (custom pytree)",
             "`batch_stats`",
@@ -378,7 +379,7 @@ ROWS = [
     Spec(
         "e3nn-jax/Linear",
         "e3nn-jax",
-        _version("e3nn-jax"),
+        installed("e3nn-jax"),
         [
             "`IrrepsArray` input and output (custom pytree)",
             "two positional inputs (scalar weights, irreps)",
@@ -390,7 +391,7 @@ ROWS = [
     Spec(
         "netket/RBM",
         "netket",
-        _version("netket"),
+        installed("netket"),
         [
             "complex64 parameters and output",
             "int8 spin configurations as input",
@@ -401,7 +402,7 @@ ROWS = [
     Spec(
         "netket/FastARNNConv1D",
         "netket",
-        _version("netket"),
+        installed("netket"),
         [
             "complex64 parameters and output",
             "`cache` collection made by `method='conditional'` (init_method)",
@@ -414,7 +415,7 @@ ROWS = [
     Spec(
         "netket/LSTMNet",
         "netket",
-        _version("netket"),
+        installed("netket"),
         [
             "`nn.scan` over the sites (`variable_broadcast='params'`)",
             "int8 spin configurations as input",
@@ -425,7 +426,7 @@ ROWS = [
     Spec(
         "jax-resnet/ResNet",
         "jax-resnet",
-        _version("jax-resnet"),
+        installed("jax-resnet"),
         [
             "`batch_stats`",
             "mode from `is_mutable_collection('batch_stats')`, no keyword",
@@ -443,7 +444,7 @@ ROWS = [
     Spec(
         "flaxmodels/StyleGAN2Generator",
         "flaxmodels",
-        _version("flaxmodels"),
+        installed("flaxmodels"),
         [
             "module-level PRNG key (a dataclass field)",
             "noise key as a call argument (legacy uint32 key)",
@@ -462,7 +463,7 @@ ROWS = [
     Spec(
         "diffusers/FlaxAutoencoderKL",
         "diffusers",
-        _version("diffusers"),
+        installed("diffusers"),
         [
             "`gaussian` rng stream (`self.make_rng`), no dropout stream",
             "`FlaxDecoderOutput` (a `flax.struct` dataclass) output",
@@ -482,7 +483,7 @@ ROWS = [
     Spec(
         "evosax/MLP",
         "evosax",
-        _version("evosax"),
+        installed("evosax"),
         [
             "the module's own PRNG key (`key`) as a positional call argument",
             "LayerNorm after the output function",
@@ -499,7 +500,7 @@ ROWS = [
     Spec(
         "evosax/EvoTransformer",
         "evosax",
-        _version("evosax"),
+        installed("evosax"),
         [
             "`nn.vmap` lifted blocks (`variable_axes={'params': None}`, "
             "`split_rngs={'dropout': False}`)",
