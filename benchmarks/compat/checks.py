@@ -182,15 +182,14 @@ def wrap(case: LinenCase, variables):
     if case.mode is not None:
         name, inference_value = case.mode
         mode = {"deterministic_kwarg" if inference_value else "train_kwarg": name}
+    # No example arguments: the variables are linen's own init's (checking them
+    # against another init would only cost a trace).
     return adapters.to_equinox(
         case.module,
-        *case.args,
         variables=variables,
         rng_streams=case.streams,
         init_method=case.method,
         **mode,
-        **case.kwargs,
-        **case.init_kwargs,
     )
 
 
