@@ -213,10 +213,10 @@ def test_the_launcher_ends_every_process_when_the_time_is_up(tmp_path):
     marker = str(tmp_path / "late")  # in every process's command line
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     command = [sys.executable, str(EXAMPLE), "--processes", "2", "--steps", "100000"]
-    command += ["--checkpoint", marker, "--timeout", "5"]
+    command += ["--checkpoint", marker, "--timeout", "3"]
     finished = run_together([command], [dict(env, JAX_PLATFORMS="cpu")], 120)
     assert not finished.timed_out, finished.report()
     assert finished.codes == [124], finished.report()
-    assert "timed out after 5 s: every process was ended" in finished.outputs[0]
+    assert "timed out after 3 s: every process was ended" in finished.outputs[0]
     assert _processes_naming(marker) == []
     assert not (tmp_path / "late").exists()  # nothing was saved

@@ -104,12 +104,8 @@ def causal_decoding(
     )
     cache = init(jax.random.key(1))["cache"]
     variables = {"params": params, "cache": cache}
-    model, state = adapters.to_equinox(
-        module,
-        variables=variables,
-        deterministic_kwarg="deterministic",
-        **init_kwargs,
-        init_cache=True,
+    model, state = adapters.to_equinox(  # linen's own variables: no check needed
+        module, variables=variables, deterministic_kwarg="deterministic"
     )
     model = eqx.nn.inference_mode(model)
 

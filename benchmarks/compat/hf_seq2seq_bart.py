@@ -240,7 +240,6 @@ def seq2seq_decoding(
         variables=variables,
         init_method=init_cache,
         deterministic_kwarg="deterministic",
-        **init_kwargs,
     )
     model = eqx.nn.inference_mode(model)
 

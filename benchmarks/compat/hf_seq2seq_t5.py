@@ -420,7 +420,6 @@ def seq2seq_decoding(
         variables=variables,
         init_method=family.init_cache,
         deterministic_kwarg="deterministic",
-        **init_inputs,
     )
     model = eqx.nn.inference_mode(model)
 
