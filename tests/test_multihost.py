@@ -132,6 +132,15 @@ def _check_restore(output, processes, mesh, shards):
         assert loss_diff <= 1e-5, output
 
 
+# What each of the two processes' restores reports: the mesh, and the kernels'
+# slices a device holds.
+TWO_PROCESS_MESH = (
+    "{'data': 2, 'model': 4}",
+    "Dense_0/kernel P(None, 'model') (16, 8) a device, ToLinen_0/linear/weight "
+    "P('model', None) (8, 32)",
+)
+
+
 def test_restore_in_two_processes_on_the_same_mesh(two_process_run):
     directory, _ = two_process_run
     code, output = run("--processes", "2", "--restore", str(directory))
@@ -139,9 +148,7 @@ def test_restore_in_two_processes_on_the_same_mesh(two_process_run):
     _check_restore(
         output,
         2,
-        "{'data': 2, 'model': 4}",
-        "Dense_0/kernel P(None, 'model') (16, 8) a device, ToLinen_0/linear/weight "
-        "P('model', None) (8, 32)",
+        *TWO_PROCESS_MESH,
     )
 
 
@@ -190,9 +197,7 @@ def test_one_process_checkpoint_restores_into_two_processes(one_process_run):
     _check_restore(
         output,
         2,
-        "{'data': 2, 'model': 4}",
-        "Dense_0/kernel P(None, 'model') (16, 8) a device, ToLinen_0/linear/weight "
-        "P('model', None) (8, 32)",
+        *TWO_PROCESS_MESH,
     )
 
 
