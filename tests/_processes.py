@@ -13,6 +13,27 @@ import time
 from dataclasses import dataclass
 
 
+# XLA's cheap backend settings (no LLVM optimisation), for every program the suite
+# compiles: set by conftest.py for the test processes, and passed to the processes
+# the tests start. The tests compare two computations compiled alike, so code
+# quality does not matter to them, and compiling is most of the suite's time (about
+# a third less with these). Benchmarks and examples run outside the suite with
+# XLA's defaults.
+CHEAP_COMPILE = (
+    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+)
+
+
+def xla_env(devices: int | None = None, **extra: str) -> dict[str, str]:
+    """This process's environment for a child JAX process: XLA_FLAGS with the cheap
+    settings and, given `devices`, that many CPU devices (replacing any XLA_FLAGS
+    of this process), plus `extra`."""
+    flags = CHEAP_COMPILE
+    if devices is not None:
+        flags += f" --xla_force_host_platform_device_count={devices}"
+    return dict(os.environ, XLA_FLAGS=flags, **extra)
+
+
 @dataclass
 class Finished:
     codes: list[int | None]  # None: still running when the time was up

@@ -22,7 +22,6 @@ Conventions a page may use (HTML comments, not rendered by mkdocs):
 
 import builtins
 import importlib.util
-import os
 import pathlib
 import re
 import subprocess
@@ -30,7 +29,7 @@ import sys
 from dataclasses import dataclass
 
 import pytest
-from _processes import free_port, run_together
+from _processes import free_port, run_together, xla_env
 
 import adapters
 
@@ -158,10 +157,9 @@ def test_page_runs(page, tmp_path, monkeypatch):
         return
     last = split.line if split else float("inf")
     if n is not None:
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
         result = subprocess.run(
             _page_command(page, 0, last),
-            env=env,
+            env=xla_env(n),
             capture_output=True,
             text=True,
             timeout=600,
@@ -176,8 +174,7 @@ def test_page_runs(page, tmp_path, monkeypatch):
 def _run_cluster(page, split, tmp_path):
     """The blocks below the marker, as one program in `split.processes` fresh
     processes (see the module's docstring)."""
-    flags = f"--xla_force_host_platform_device_count={split.devices}"
-    base = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+    base = xla_env(split.devices, JAX_PLATFORMS="cpu")
     base.update(
         COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}",
         NUM_PROCESSES=str(split.processes),

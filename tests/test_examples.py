@@ -47,12 +47,13 @@ def test_nnx_with_equinox_block(capsys):
 
 def test_sharded_training():
     """Needs 8 devices, fixed when JAX starts: run in a fresh process."""
-    import os
     import re
     import subprocess
     import sys
 
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    from _processes import xla_env
+
+    env = xla_env(8)
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / "sharded_training.py"), "--steps", "3"],
         env=env,

@@ -18,7 +18,7 @@ import re
 import sys
 
 import pytest
-from _processes import run_together
+from _processes import run_together, xla_env
 
 
 EXAMPLE = pathlib.Path(__file__).parent.parent / "examples" / "multihost_training.py"
@@ -47,8 +47,7 @@ def run(*args, timeout=TIMEOUT):
     """Runs the example; returns (exit code, output). The example and every process
     it starts share a new session, killed whole when the run ends or its time is
     up."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["JAX_PLATFORMS"] = "cpu"
+    env = xla_env(JAX_PLATFORMS="cpu")  # the example sets its own device count
     command = [sys.executable, str(EXAMPLE), *args, "--timeout", str(timeout - 30)]
     finished = run_together([command], [env], timeout)
     if finished.timed_out:
@@ -216,10 +215,9 @@ def test_the_launcher_ends_every_process_when_the_time_is_up(tmp_path):
     """A run longer than its limit is ended, all its processes with it, and says
     so with exit code 124."""
     marker = str(tmp_path / "late")  # in every process's command line
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     command = [sys.executable, str(EXAMPLE), "--processes", "2", "--steps", "100000"]
     command += ["--checkpoint", marker, "--timeout", "3"]
-    finished = run_together([command], [dict(env, JAX_PLATFORMS="cpu")], 120)
+    finished = run_together([command], [xla_env(JAX_PLATFORMS="cpu")], 120)
     assert not finished.timed_out, finished.report()
     assert finished.codes == [124], finished.report()
     assert "timed out after 3 s: every process was ended" in finished.outputs[0]

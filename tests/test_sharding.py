@@ -1,6 +1,5 @@
 """Partitioning metadata across the boundary; sharded training on 8 CPU devices."""
 
-import os
 import pathlib
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
+from _processes import xla_env
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import adapters
@@ -26,11 +26,9 @@ def test_sharded_training_on_eight_devices():
     one-device training, with the arrays sharded as specified (see
     `multidevice_checks.py`; a fresh process, as the device count is fixed when JAX
     starts)."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    env["JAX_PLATFORMS"] = "cpu"
     result = subprocess.run(
         [sys.executable, str(HERE / "multidevice_checks.py")],
-        env=env,
+        env=xla_env(8, JAX_PLATFORMS="cpu"),
         capture_output=True,
         text=True,
         timeout=600,
