@@ -33,7 +33,8 @@ TOLERANCE = 1e-5
 STEPS = 3
 # The check programs compile with LLVM's cheap settings: the matrix compiles one
 # program a model, and both sides of a comparison compile alike (a quarter less
-# compile time here). The decoding steps keep JAX's defaults.
+# compile time here). The decoding steps keep the process's settings (XLA's
+# defaults when the matrix script runs; the suite's cheap ones under pytest).
 FAST_COMPILE = {
     "xla_backend_optimization_level": 0,
     "xla_llvm_disable_expensive_passes": True,
@@ -81,7 +82,9 @@ def installed(distribution: str) -> Callable[[], str]:
 
 def max_abs_diff(a, b) -> float:
     """The largest |a - b| over two pytrees of the same structure (float leaves;
-    integer leaves must be equal, else inf)."""
+    integer leaves must be equal, else inf). Non-finite entries must be the same
+    on both sides (NaN where NaN, the same infinity); the largest difference is
+    over the finite ones."""
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
     if jax.tree.structure(a) != jax.tree.structure(b) or len(la) != len(lb):
         return float("inf")
@@ -94,19 +97,32 @@ def max_abs_diff(a, b) -> float:
             if not np.array_equal(x, y):
                 return float("inf")
             continue
-        if x.size:
+        finite = np.isfinite(x)
+        if not np.array_equal(finite, np.isfinite(y)):
+            return float("inf")
+        if not np.array_equal(x[~finite], y[~finite], equal_nan=True):
+            return float("inf")
+        if finite.any():
             wide = np.complex128 if np.iscomplexobj(x) else np.float64
-            d = np.max(np.abs(x.astype(wide) - y.astype(wide)))
-            if np.isnan(d):
-                d = 0.0 if np.array_equal(np.isnan(x), np.isnan(y)) else np.inf
+            d = np.max(np.abs(x[finite].astype(wide) - y[finite].astype(wide)))
             worst = max(worst, float(d))
     return worst
 
 
-def _nonzero(grad, check: Check) -> Check:
-    """A gradient check compares something: the native gradient is not all zero
-    (a model whose outputs are all integers would compare zeros with zeros)."""
-    if all(not np.any(np.asarray(g)) for g in jax.tree.leaves(grad)):
+def compares_something(tree) -> bool:
+    """Whether a native result has a finite, non-zero float entry: a comparison
+    of empty trees, of zeros with zeros (the gradient of a model whose outputs are
+    all integers) or of NaN with NaN compares nothing."""
+    return any(
+        np.any(np.isfinite(x) & (x != 0))
+        for x in map(np.asarray, jax.tree.leaves(tree))
+        if np.issubdtype(x.dtype, np.inexact)
+    )
+
+
+def nonzero_gradient(grad, check: Check) -> Check:
+    """A gradient check compares something (see `compares_something`)."""
+    if not compares_something(grad):
         return Check(False, check.max_diff, "the native gradient is all zero")
     return check
 
@@ -215,11 +231,13 @@ def linen_checks(case: LinenCase, key) -> tuple[dict[str, Check], Any]:
     model, state = wrap(case, variables)
     params = variables["params"]
     rest = {c: v for c, v in variables.items() if c != "params"}
-    mutable = [c for c in case.mutable if c in rest]
+    mutable = list(case.mutable)
+    if missing := [c for c in mutable if c not in rest]:
+        raise ValueError(f"the case's mutable {missing} are not in init's variables")
     arrays, static = eqx.partition(model, eqx.is_inexact_array)
     optim = optax.adam(1e-3)
 
-    def native(params, key, inference):
+    def native(params, rest, key, inference):
         train = mutable and not inference
         out = case.module.apply(
             {"params": params, **rest},
@@ -236,8 +254,8 @@ def linen_checks(case: LinenCase, key) -> tuple[dict[str, Check], Any]:
         m = eqx.nn.inference_mode(eqx.combine(arrays, static), inference)
         return m(*case.args, state, key=key, method=case.method, **case.kwargs)
 
-    def native_loss(params, key):
-        out, updates = native(params, key, False)
+    def native_loss(params, rest, key):
+        out, updates = native(params, rest, key, False)
         return float_loss(out), (out, updates)
 
     def wrapped_loss(arrays, state, key):
@@ -245,11 +263,13 @@ def linen_checks(case: LinenCase, key) -> tuple[dict[str, Check], Any]:
         return float_loss(out), (out, state)
 
     def n_step(carry, k):
-        p, o = carry
-        g, (out, updates) = jax.grad(native_loss, has_aux=True)(p, k)
+        # The state a training call updates goes on to the next step, as the
+        # wrapper's state does.
+        p, r, o = carry
+        g, (out, updates) = jax.grad(native_loss, has_aux=True)(p, r, k)
         with optax_standard():
             u, o = optim.update(g, o, p)
-        return (optax.apply_updates(p, u), o), (g, out, updates)
+        return (optax.apply_updates(p, u), {**r, **updates}, o), (g, out, updates)
 
     def w_step(carry, k):
         a, s, o = carry
@@ -266,33 +286,56 @@ def linen_checks(case: LinenCase, key) -> tuple[dict[str, Check], Any]:
         keys = jax.random.split(key, STEPS)
         with optax_standard():
             n_opt, w_opt = optim.init(params), optim.init(arrays)
-        (n_params, _), n_trace = jax.lax.scan(n_step, (params, n_opt), keys)
-        (w_arrays, _, _), w_trace = jax.lax.scan(w_step, (arrays, state, w_opt), keys)
-        n_inf, _ = native(params, key, True)
-        w_inf, _ = wrapped(arrays, state, key, True)
+        (n_params, n_rest, _), n_trace = jax.lax.scan(
+            n_step, (params, rest, n_opt), keys
+        )
+        (w_arrays, w_last, _), w_trace = jax.lax.scan(
+            w_step, (arrays, state, w_opt), keys
+        )
+        n_inf, _ = native(params, rest, key, True)
+        w_inf, w_inf_state = wrapped(arrays, state, key, True)
         return (
-            (n_params, first(n_trace), n_inf),
-            (w_arrays, first(w_trace), w_inf),
+            (n_params, n_rest, first(n_trace), n_inf),
+            (w_arrays, w_last, first(w_trace), w_inf, w_inf_state),
         )
 
     native_out, wrapped_out = program(params, arrays, state, call_key)
-    n_params, (n_grad, n_train, n_updates), n_inf = native_out
-    w_arrays, (w_grad, w_train, w_state), w_inf = wrapped_out
+    n_params, n_rest, (n_grad, n_train, n_updates), n_inf = native_out
+    w_arrays, w_last, (w_grad, w_train, w_state), w_inf, w_inf_state = wrapped_out
+    # In inference the wrapper leaves every state collection as it was, as linen's
+    # apply(variables, x) does (which cannot write).
+    untouched = max_abs_diff(rest, _held(model, w_inf_state, rest))
+    forward = check_of(
+        max(max_abs_diff(n_train, w_train), max_abs_diff(n_inf, w_inf), untouched),
+        "" if untouched == 0 else "the state changed in inference",
+    )
+    if not compares_something((n_train, n_inf)):
+        forward = Check(
+            False, forward.max_diff, "the native output has no finite, non-zero value"
+        )
     checks = {
-        "forward": check_of(
-            max(max_abs_diff(n_train, w_train), max_abs_diff(n_inf, w_inf))
-        ),
-        "gradient": _nonzero(
+        "forward": forward,
+        "gradient": nonzero_gradient(
             n_grad, check_of(max_abs_diff(n_grad, w_grad.variables["params"]))
         ),
         "optimiser": check_of(max_abs_diff(n_params, w_arrays.variables["params"])),
     }
     if mutable:
-        w_collections = model.linen_variables(w_state)
-        checks["state"] = check_of(
-            max_abs_diff(n_updates, {c: w_collections[c] for c in n_updates})
+        # The first step's updates, then the state after every step.
+        diff = max(
+            max_abs_diff(n_updates, _held(model, w_state, n_updates)),
+            max_abs_diff(n_rest, _held(model, w_last, n_rest)),
         )
+        checks["state"] = check_of(diff)
+        if max_abs_diff(n_updates, {c: rest[c] for c in n_updates}) == 0:
+            checks["state"] = Check(False, diff, "the state did not change natively")
     return checks, (model, state, variables)
+
+
+def _held(model, state, like: dict) -> dict:
+    """The collections of `like`, as the wrapper's `state` holds them."""
+    collections = model.linen_variables(state)
+    return {c: collections[c] for c in like}
 
 
 # ---------------------------------------------------------------------------------

@@ -35,10 +35,12 @@ import adapters
 from .checks import (
     Check,
     check_of,
+    compares_something,
     failed,
     FAST_COMPILE,
     float_loss,
     max_abs_diff,
+    nonzero_gradient,
     optax_standard,
     Row,
     STEPS,
@@ -336,17 +338,22 @@ def equinox_checks(case: EquinoxCase, key) -> dict[str, Check]:
     optimiser, optimiser_detail = by_path_diff(by_path(n_arrays), flat(l_params))
     checks = {
         "forward": check_of(forward, forward_detail),
-        "gradient": check_of(gradient, gradient_detail),
+        "gradient": nonzero_gradient(
+            by_path(n_grad), check_of(gradient, gradient_detail)
+        ),
         "optimiser": check_of(optimiser, optimiser_detail),
     }
+    if not compares_something((n_train, n_inf)):
+        checks["forward"] = Check(
+            False, forward, "the native output has no finite, non-zero value"
+        )
     if stateful:
         n_entries = state_by_path(model, n_state)
         l_entries = flat(l_rest[case.state_collection])
-        changed = max_abs_diff(state_by_path(model, state), n_entries) > 0
         diff, detail = by_path_diff(n_entries, l_entries)
-        checks["state"] = check_of(
-            diff, detail or ("" if changed else "the state did not change")
-        )
+        checks["state"] = check_of(diff, detail)
+        if max_abs_diff(state_by_path(model, state), n_entries) == 0:
+            checks["state"] = Check(False, diff, "the state did not change natively")
     if case.needs_key:
         checks["key"] = key_check(case, module, variables, l_other, l_train, n_other)
     return checks

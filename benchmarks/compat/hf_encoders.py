@@ -254,7 +254,7 @@ ROWS = [
             "back to full attention at 14 tokens or fewer). Training draws an "
             "`indices` key, so the stream must be declared, but transformers' "
             "Flax port builds its random-block plan with deterministic=True at "
-            "lengths other than 1024/3072/4096: the key changes nothing (checked)"
+            "lengths other than 1024/3072/4096: the key changes nothing"
         ),
     ),
     Spec(

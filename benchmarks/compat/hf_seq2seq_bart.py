@@ -221,8 +221,8 @@ def seq2seq_decoding(
         decoder_position_ids=positions(BATCH, max_length),
     )
 
-    # JAX's default compile options, as the wrapped encoder and the decoding steps
-    # get: the encoder outputs are compared.
+    # The process's compile settings, as the wrapped encoder and the decoding
+    # steps get: the encoder outputs are compared.
     @jax.jit
     def native_setup(params, key):
         cache = module.init(key, **init_kwargs, deterministic=True, method=init_cache)[
