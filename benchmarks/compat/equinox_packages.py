@@ -169,10 +169,11 @@ ROWS = [
         ],
         flowjax_coupling,
         note=_METHOD.format(method="log_prob")
-        + " Slow (about 45 s on a loaded machine): each trace of `apply` of a factory"
-        " whose model keeps arrays in closures runs the adapter's leak check under"
-        " `jax.checking_leaks()`, and JAX's leaked-tracer message walks"
-        " `gc.get_referrers` (about 15 s a trace here; native: 0.2 s).",
+        + " The factory's model keeps arrays in closures, so a model built from"
+        " shapes would leak tracers: `ToLinen` finds them (a walk of that model) and"
+        " builds the model with a key at each trace instead; nothing for a user to"
+        " do (this row took 45 s before the walk replaced JAX's leak check, which"
+        " searched the heap at every trace; now a few seconds).",
         kind="equinox",
     ),
     Spec(
@@ -190,8 +191,8 @@ ROWS = [
         ],
         flowjax_autoregressive,
         note=_METHOD.format(method="sample_and_log_prob")
-        + " A flow built once and wrapped by `to_linen`: the factory path, checked"
-        " by flowjax/coupling_flow, costs about 15 s a trace (see its note).",
+        + " A flow built once and wrapped by `to_linen` (the factory path is"
+        " flowjax/coupling_flow's).",
         kind="equinox",
     ),
     Spec(

@@ -51,8 +51,9 @@ def _e3nn_batchnorm_class():
         `use_running_average=True` (it rolls the averages over the batch and only
         normalises with the old ones), so linen refuses the call unless
         `batch_stats` is mutable. The updates of such a call are dropped, as an
-        inference call's are. Only `apply` differs; the wrapper gets this class too,
-        and calls `apply` with its collections mutable, so it runs e3nn's own."""
+        inference call's are. Only `apply` differs; the wrapper gets this class too:
+        in training it calls `apply` with `batch_stats` mutable (e3nn's own call),
+        in inference without `mutable=` (this one)."""
 
         def apply(self, variables, *args, mutable=False, **kwargs):
             if mutable is False:
@@ -371,9 +372,12 @@ ROWS = [
             "`use_running_average=True` (it rolls the averages over the batch, "
             "and normalises with the stored ones), so linen refuses its inference "
             "call unless `batch_stats` is mutable. The case's module is a subclass "
-            "whose native `apply` without `mutable=` makes `batch_stats` mutable and "
-            "drops the updates, as an inference call is meant to; the wrapper "
-            "keeps them in the returned state, as it keeps every update."
+            "whose `apply` without `mutable=` makes `batch_stats` mutable and drops "
+            "the updates, as an inference call is meant to; the wrapper, which in "
+            "inference calls `apply` without `mutable=` as linen's inference does, "
+            "runs the same. With e3nn's class itself, the wrapper in inference "
+            "would make `batch_stats` writable and return the rolled averages in "
+            "the state."
         ),
     ),
     Spec(
