@@ -14,7 +14,8 @@ Conventions a page may use (HTML comments, not rendered by mkdocs):
 - `<!-- docs-test: raises ExceptionName -->` right before a python block: the block
   must raise that exception (a name from `adapters`, or a builtin); when the next
   fenced block is a ```text block, it is the message, where `...` stands for any
-  text, and the raised message must match it.
+  text, and the raised message must match it (the text may start as a traceback's
+  last line does, e.g. `adapters.AdapterError: `).
 - `<!-- docs-test: skip -->` right before a python block: the block is not run
   (for a fragment that shows a signature or needs hardware this machine lacks);
   a test counts these so that they stay few.
@@ -26,6 +27,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 
 import pytest
@@ -106,6 +108,16 @@ def _message_matches(pattern: str, message: str) -> bool:
     return re.match(r".*?".join(pieces), norm(message), flags=re.S) is not None
 
 
+def _without_exception_name(shown: str, err: BaseException) -> str:
+    """The message shown, without a traceback's `adapters.AdapterError: ` (or
+    `ValueError: `) in front."""
+    name = type(err).__name__
+    for prefix in (f"adapters.{name}: ", f"{name}: "):
+        if shown.lstrip().startswith(prefix):
+            return shown.lstrip().removeprefix(prefix)
+    return shown
+
+
 def run_page(page: str, first: int = 0, last: float = float("inf")) -> int:
     """Runs the page's python blocks (those between lines `first` and `last`) in
     order in one namespace; returns how many ran. Failures raise with the page and
@@ -124,7 +136,8 @@ def run_page(page: str, first: int = 0, last: float = float("inf")) -> int:
                 exec(code, namespace)
             following = found[i + 1] if i + 1 < len(found) else None
             if following is not None and following.lang == "text":
-                assert _message_matches(following.body, str(info.value)), (
+                shown = _without_exception_name(following.body, info.value)
+                assert _message_matches(shown, str(info.value)), (
                     f"{where}: the message shown is not the message raised.\n"
                     f"shown:\n{following.body}\nraised:\n{info.value}"
                 )
@@ -150,7 +163,11 @@ def _page_command(page, first=0, last=float("inf")):
 
 @pytest.mark.parametrize("page", PAGES)
 def test_page_runs(page, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # nothing a page writes lands in the repository
+    # Nothing a page writes lands in the repository, or outside tmp_path: relative
+    # paths and `tempfile.mkdtemp()` (also in the pages' own processes).
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
     n, split = devices(page), cluster(page)
     if n is None and split is None:
         run_page(page)
