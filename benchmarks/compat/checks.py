@@ -149,6 +149,11 @@ def float_loss(out) -> jax.Array:
     return sum(jnp.mean(jnp.abs(leaf).astype(jnp.float32) ** 2) for leaf in leaves)
 
 
+def first_step(trace):
+    """The first step's entry of a `jax.lax.scan`'s stacked outputs."""
+    return jax.tree.map(lambda x: x[0], trace)
+
+
 def optax_standard():
     # optax's Adam computes `decay ** count` with an int32 count, which a strict
     # dtype promotion refuses; both sides alike run it under standard promotion.
@@ -278,9 +283,6 @@ def linen_checks(case: LinenCase, key) -> tuple[dict[str, Check], Any]:
             u, o = optim.update(g, o, a)
         return (eqx.apply_updates(a, u), new_s, o), (g, out, new_s)
 
-    def first(tree):
-        return jax.tree.map(lambda x: x[0], tree)
-
     @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
     def program(params, arrays, state, key):
         keys = jax.random.split(key, STEPS)
@@ -295,8 +297,8 @@ def linen_checks(case: LinenCase, key) -> tuple[dict[str, Check], Any]:
         n_inf, _ = native(params, rest, key, True)
         w_inf, w_inf_state = wrapped(arrays, state, key, True)
         return (
-            (n_params, n_rest, first(n_trace), n_inf),
-            (w_arrays, w_last, first(w_trace), w_inf, w_inf_state),
+            (n_params, n_rest, first_step(n_trace), n_inf),
+            (w_arrays, w_last, first_step(w_trace), w_inf, w_inf_state),
         )
 
     native_out, wrapped_out = program(params, arrays, state, call_key)

@@ -38,6 +38,7 @@ from .checks import (
     compares_something,
     failed,
     FAST_COMPILE,
+    first_step,
     float_loss,
     max_abs_diff,
     nonzero_gradient,
@@ -108,20 +109,9 @@ def _model_and_state(made):
 
 
 def _path(path) -> tuple[str, ...]:
-    """A key path as the nested-dict keys a linen collection uses for it."""
-    parts = []
-    for entry in path:
-        if isinstance(entry, jtu.GetAttrKey):
-            parts.append(entry.name)
-        elif isinstance(entry, jtu.SequenceKey):
-            parts.append(str(entry.idx))
-        elif isinstance(entry, jtu.DictKey):
-            parts.append(str(entry.key))
-        elif isinstance(entry, jtu.FlattenedIndexKey):
-            parts.append(str(entry.key))
-        else:
-            parts.append(str(entry))
-    return tuple(parts)
+    """A key path as the nested-dict keys a linen collection uses for it: each
+    entry as JAX writes it simply (an attribute's name, an index, a dict key)."""
+    return tuple(jtu.keystr((entry,), simple=True) for entry in path)
 
 
 def by_path(tree, keep=eqx.is_inexact_array) -> dict[tuple[str, ...], Any]:
@@ -284,9 +274,6 @@ def equinox_checks(case: EquinoxCase, key) -> dict[str, Check]:
             u, o = optim.update(g, o, a)
         return (eqx.apply_updates(a, u), s2, o), (g, out, s2)
 
-    def first(tree):
-        return jax.tree.map(lambda x: x[0], tree)
-
     @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
     def program(params, rest, arrays, state, key):
         keys = jax.random.split(key, STEPS + 1)
@@ -305,8 +292,8 @@ def equinox_checks(case: EquinoxCase, key) -> dict[str, Check]:
             l_other, _ = linen(params, rest, keys[0], False)
             n_other, _ = native(arrays, state, keys[0], False)
         return (
-            (l_params, first(l_trace), l_inf, l_other),
-            (n_arrays, first(n_trace), n_inf, n_other),
+            (l_params, first_step(l_trace), l_inf, l_other),
+            (n_arrays, first_step(n_trace), n_inf, n_other),
         )
 
     l_side, n_side = program(params, rest, arrays, state, call_key)
